@@ -1,0 +1,1 @@
+"""Prefect flows that compose store and transforms, and the `actstore` CLI."""

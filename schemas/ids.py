@@ -1,0 +1,34 @@
+"""Content-hash ids: the same normalized config always gives the same id, so a re-run resumes."""
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel
+
+ID_HASH_CHARS = 8
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: the normal form that ids hash."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def content_hash(value: Any, chars: int = ID_HASH_CHARS) -> str:
+    """Short hex sha256 of the canonical JSON of `value`."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:chars]
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    """A filesystem- and URL-safe readable fragment for id prefixes (`SmolLM2-135M` -> `smollm2-135m`)."""
+    text = re.sub(r"\.gguf$", "", text.rsplit("/", 1)[-1], flags=re.IGNORECASE)
+    text = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return text[:max_len].strip("-") or "x"
+
+
+def make_id(kind: str, readable: str, config: BaseModel | dict[str, Any]) -> str:
+    """`<kind>-<readable>-<hash>`, e.g. `harvest-smollm2-135m-L6-3f9a1c2e`."""
+    return f"{kind}-{readable}-{content_hash(config)}"
