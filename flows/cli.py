@@ -1,0 +1,188 @@
+"""The `actstore` command: ingest, harvest, ls, demo. Errors users can fix end in one line and exit 2."""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from schemas.errors import UserError
+from store.root import DEFAULT_ROOT
+
+
+class _OneLineUserErrors(logging.Filter):
+    """Prefect logs task failures with tracebacks; for a UserError the message alone is the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_prefect_tracebacks() -> None:
+    """Set Prefect's logging up now (it would on the first run) and filter every handler it installs."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            handler.addFilter(_OneLineUserErrors())
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=os.environ.get("ACTSTORE_ROOT", DEFAULT_ROOT),
+                   help="store root directory (default: $ACTSTORE_ROOT or ./actstore-data)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=["pydocs", "text", "jsonl", "parquet", "hf"], default="pydocs")
+    p.add_argument("--path", action="append", default=[], help="input file, directory or glob (repeatable)")
+    p.add_argument("--hf-name", help="Hugging Face dataset name or local dataset directory (--source hf)")
+    p.add_argument("--hf-config", help="dataset configuration (--source hf)")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--text-field", default="text", help="JSON field / column with the text")
+    p.add_argument("--split-paragraphs", action="store_true", help="text files: one document per paragraph")
+    p.add_argument("--model", default="smollm2-135m", help="whose tokenizer: hub id, local dir, .gguf, smollm2-135m")
+    p.add_argument("--ctx-len", type=int, default=128, help="tokens per window")
+    p.add_argument("--no-bos", action="store_true", help="do not start windows with BOS")
+    p.add_argument("--separator", choices=["eos", "bos", "none"], default="eos")
+    p.add_argument("--holdout", type=float, default=0.05, help="fraction of documents in the holdout split")
+    p.add_argument("--max-tokens", type=int, help="stop after this many tokens")
+    p.add_argument("--max-docs", type=int, help="stop after this many documents")
+
+
+def _corpus_config(a: argparse.Namespace) -> Any:
+    from schemas.corpus import CorpusConfig
+    from schemas.model import ModelConfig
+
+    return CorpusConfig(
+        source=a.source, paths=tuple(a.path), hf_name=a.hf_name, hf_config=a.hf_config, hf_split=a.hf_split,
+        text_field=a.text_field, split_paragraphs=a.split_paragraphs, tokenizer=ModelConfig(name=a.model),
+        ctx_len=a.ctx_len, add_bos=not a.no_bos, separator=a.separator, holdout_fraction=a.holdout,
+        max_tokens=a.max_tokens, max_docs=a.max_docs,
+    )
+
+
+def cmd_ingest(a: argparse.Namespace) -> dict[str, Any]:
+    from flows.ingest import ingest
+
+    manifest = ingest(a.store, _corpus_config(a))
+    return {"corpus_id": manifest.id, **manifest.counts}
+
+
+def _add_harvest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", required=True, help="corpus id (see `actstore ls`)")
+    p.add_argument("--model", help="hub id, local dir, .gguf or smollm2-135m (default: the corpus tokenizer's)")
+    p.add_argument("--model-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    p.add_argument("--site", action="append", required=True, help="blocks.L.hook_resid_post etc. (repeatable)")
+    p.add_argument("--loss", action="store_true", help="also store per-token next-token loss (full forward)")
+    p.add_argument("--store-dtype", choices=["model", "float32", "float16", "bfloat16"], default="model")
+    p.add_argument("--batch-windows", type=int, help="windows per forward batch (default ~4096 tokens)")
+    p.add_argument("--max-tokens", type=int, help="harvest only the first tokens of the corpus")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _harvest_config(a: argparse.Namespace, store_root: str) -> Any:
+    from schemas.harvest import HarvestConfig
+    from schemas.model import ModelConfig
+    from store.root import Store
+
+    if a.model:
+        model = ModelConfig(name=a.model, dtype=a.model_dtype)
+    else:
+        corpus = Store(store_root).manifest("corpus", a.corpus)
+        model = ModelConfig.model_validate({**corpus.config["tokenizer"], "dtype": a.model_dtype})
+    return HarvestConfig(corpus_id=a.corpus, model=model, sites=tuple(a.site), loss=a.loss,
+                         store_dtype=a.store_dtype, batch_windows=a.batch_windows, max_tokens=a.max_tokens)
+
+
+def cmd_harvest(a: argparse.Namespace) -> dict[str, Any]:
+    from flows.harvest import harvest
+    from schemas.harvest import HarvestRuntime
+
+    runtime = HarvestRuntime(device=a.device, threads=a.threads, progress=not a.no_progress)
+    manifest = harvest(a.store, _harvest_config(a, a.store), runtime)
+    return {"harvest_id": manifest.id, "n_tokens": manifest.counts["n_tokens"],
+            "sites": list(manifest.extra["arrays"]), "tokens_per_s": manifest.timings.get("tokens_per_s"),
+            "device": manifest.extra.get("device")}
+
+
+def cmd_ls(a: argparse.Namespace) -> dict[str, Any]:
+    from store.root import Store
+
+    entries = Store(a.store).ls()
+    if not a.json:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"store {a.store}")
+        for col in ("kind", "id", "state", "tokens", "created"):
+            table.add_column(col)
+        for e in entries:
+            table.add_row(e.kind, e.id, "complete" if e.complete else "incomplete (re-run to resume)",
+                          str(e.counts.get("n_tokens", "")), e.created)
+        Console().print(table)
+    return {"objects": [e._asdict() for e in entries]}
+
+
+def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
+    from flows.demo import run_demo
+
+    return run_demo(a.store, tokens=a.tokens, layer=a.layer, device=a.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actstore", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str]] = {
+        "ingest": (cmd_ingest, "tokenize a corpus into the store's token table"),
+        "harvest": (cmd_harvest, "run a model over a corpus and store activations (resumable)"),
+        "ls": (cmd_ls, "list what the store holds"),
+        "demo": (cmd_demo, "ingest + harvest the embedded default model on pydocs"),
+    }
+    for name, (fn, help_text) in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_store(p)
+        p.set_defaults(fn=fn)
+        if name == "ingest":
+            _add_corpus_args(p)
+        elif name == "harvest":
+            _add_harvest_args(p)
+        elif name == "demo":
+            p.add_argument("--tokens", type=int, default=160_000, help="tokens to ingest and harvest")
+            p.add_argument("--layer", type=int, help="block whose resid_post is harvested (default: middle)")
+            p.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command != "ls":
+            _quiet_prefect_tracebacks()
+        summary = args.fn(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

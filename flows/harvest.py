@@ -1,0 +1,224 @@
+"""Harvest: token windows -> model -> one Zarr array per site (and per-token loss), resumable exactly-once.
+
+The story: `plan_harvest` sizes the job from the corpus manifest (no model needed), `harvest_chunks` runs the
+model over every chunk not yet marked done while a writer thread stores the previous batches, and
+`publish_harvest` writes the manifest once every chunk is durable.
+"""
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from prefect import flow, task
+from tqdm.auto import tqdm
+
+from flows.writer_thread import BackgroundWriter
+from schemas.arrays import ActivationAttrs
+from schemas.errors import UserError
+from schemas.harvest import DEFAULT_CHUNK_TOKENS, HarvestConfig, HarvestRuntime
+from schemas.manifest import Manifest
+from schemas.model import ModelConfig
+from store.activations import LOSS_SITE, ArraySpec, HarvestArrays, disk_bytes
+from store.objects import (
+    code_version,
+    explain_os_error,
+    object_lock,
+    read_manifest,
+    remove_temp_files,
+    utc_now,
+    write_manifest,
+)
+from store.root import Store
+from store.tokens import read_windows
+from transforms.capture import Capture, first_nonfinite
+from transforms.models import load_model, max_context, model_dtype_name, pick_device
+from transforms.sites import SiteSpec, resolve_sites
+
+
+class HarvestPlan(NamedTuple):
+    """The shape of a harvest, known before any model is loaded."""
+
+    harvest_id: str
+    corpus_id: str
+    ctx_len: int
+    n_seqs: int
+    """Windows harvested."""
+    batch_windows: int
+    """Windows per forward batch = per chunk."""
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_seqs * self.ctx_len
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.batch_windows * self.ctx_len
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_seqs // self.batch_windows)
+
+
+@task(name="plan-harvest")
+def plan_harvest(store_root: str, config: HarvestConfig) -> HarvestPlan:
+    """Size the harvest from the corpus manifest; fails fast on a missing or empty corpus."""
+    corpus = Store(store_root).manifest("corpus", config.corpus_id)
+    ctx_len = int(corpus.extra["ctx_len"])
+    n_seqs = int(corpus.counts["n_seqs"])
+    if config.max_tokens is not None:
+        n_seqs = min(n_seqs, config.max_tokens // ctx_len)
+    if n_seqs == 0:
+        raise UserError(
+            f"corpus {config.corpus_id} gives no full window of {ctx_len} tokens to harvest: "
+            "raise --max-tokens or ingest more text"
+        )
+    batch_windows = config.batch_windows or max(1, DEFAULT_CHUNK_TOKENS // ctx_len)
+    return HarvestPlan(config.harvest_id(), config.corpus_id, ctx_len, n_seqs, min(batch_windows, n_seqs))
+
+
+@functools.lru_cache(maxsize=2)
+def cached_model(config: ModelConfig, device: str) -> torch.nn.Module:
+    """One model per process and device: flows and workers load it once, never pass it as an argument."""
+    return load_model(config, torch.device(device))
+
+
+def check_model_fits(model: torch.nn.Module, plan: HarvestPlan, vocab_needed: int, config: HarvestConfig) -> None:
+    """Refuse windows longer than the model's context or token ids beyond its vocabulary."""
+    limit = max_context(model)
+    if limit is not None and plan.ctx_len > limit:
+        raise UserError(
+            f"ctx_len {plan.ctx_len} of corpus {plan.corpus_id} exceeds the {limit} positions of model "
+            f"{config.model.name}: ingest with --ctx-len {limit} or less"
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab_needed > vocab:
+        raise UserError(
+            f"corpus {plan.corpus_id} has token ids up to {vocab_needed - 1} but model {config.model.name} has "
+            f"{vocab} embeddings: ingest the corpus with this model's tokenizer (--model {config.model.name})"
+        )
+
+
+def array_specs(plan: HarvestPlan, config: HarvestConfig, sites: list[SiteSpec], model_dtype: str) -> list[ArraySpec]:
+    logical = model_dtype if config.store_dtype == "model" else config.store_dtype
+    common = {"harvest_id": plan.harvest_id, "corpus_id": plan.corpus_id, "model": config.model.name,
+              "n_tokens": plan.n_tokens, "ctx_len": plan.ctx_len, "chunk_tokens": plan.chunk_tokens}
+    specs = [ArraySpec(ActivationAttrs(site=s.name, module=s.module, logical_dtype=logical, d=s.d, **common))
+             for s in sites]
+    if config.loss:
+        loss_attrs = ActivationAttrs(site=LOSS_SITE, module="lm_head", logical_dtype="float32", d=1, **common)
+        specs.append(ArraySpec(loss_attrs, squeeze=True))
+    return specs
+
+
+@task(name="harvest-chunks")
+def harvest_chunks(
+    store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan
+) -> dict[str, Any]:
+    """Run the model over every chunk not yet done; returns timing and size figures of this run.
+
+    The model, sites and context length are checked before anything is written, so bad input leaves the
+    store as it was; the object lock then keeps a second run of the same config out.
+    """
+    store = Store(store_root)
+    corpus = store.manifest("corpus", plan.corpus_id)
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    device = pick_device(runtime.device)
+    load_start = time.perf_counter()
+    model = cached_model(config.model, str(device))
+    load_seconds = time.perf_counter() - load_start
+    sites = resolve_sites(model, list(config.sites))
+    check_model_fits(model, plan, int(corpus.counts.get("max_token_id", -1)) + 1, config)
+    specs = array_specs(plan, config, sites, model_dtype_name(model))
+    directory = store.harvest_dir(plan.harvest_id)
+    try:
+        with object_lock(directory):
+            arrays = HarvestArrays(directory, specs, plan.n_tokens, plan.chunk_tokens)
+            remove_temp_files(directory)
+            stats = _run_chunks(model, sites, arrays, store.corpus_dir(plan.corpus_id), config, runtime, plan, device)
+    except OSError as exc:
+        raise explain_os_error(exc, directory) from exc
+    arrays_info = {s.attrs.site: {"d": s.attrs.d, "dtype": s.attrs.logical_dtype, "module": s.attrs.module}
+                   for s in specs}
+    return {"load_seconds": round(load_seconds, 3), **stats, "device": str(device), "arrays": arrays_info}
+
+
+def _run_chunks(model: torch.nn.Module, sites: list[SiteSpec], arrays: HarvestArrays, corpus_dir: Path,
+                config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan,
+                device: torch.device) -> dict[str, Any]:
+    """The loop: read windows, forward with hooks, hand the batch to the writer thread, next."""
+    todo = [c for c in range(plan.n_chunks) if c not in arrays.done_chunks()]
+
+    def write(item: tuple[int, dict[str, torch.Tensor]]) -> None:
+        arrays.write_chunk(*item)
+
+    run_start = time.perf_counter()
+    tokens_done = 0
+    bar = tqdm(total=plan.n_tokens, initial=plan.n_tokens - sum(_rows(arrays, c) for c in todo),
+               unit="tok", unit_scale=True, desc=plan.harvest_id, disable=not runtime.progress)
+    with Capture(model, sites, loss=config.loss) as capture, BackgroundWriter(write, runtime.queue_chunks) as writer:
+        for chunk in todo:
+            rows = arrays.chunk_rows(chunk)
+            windows = read_windows(corpus_dir, rows.start // plan.ctx_len, rows.stop // plan.ctx_len, plan.ctx_len)
+            ids = torch.from_numpy(windows.astype(np.int64)).to(device)
+            result = capture(ids)
+            bad = first_nonfinite(result)
+            if bad is not None:
+                site, row = bad
+                raise UserError(
+                    f"non-finite activations at {site}, tok {rows.start + row} (chunk {chunk}) of model "
+                    f"{config.model.name} in {model_dtype_name(model)}: harvest in float32 or bfloat16 "
+                    "(--model-dtype); finished chunks are kept"
+                )
+            values: dict[str, torch.Tensor] = dict(result.acts)
+            if result.loss is not None:
+                values[LOSS_SITE] = result.loss
+            writer.submit((chunk, values))
+            tokens_done += rows.stop - rows.start
+            bar.update(rows.stop - rows.start)
+    bar.close()
+    seconds = time.perf_counter() - run_start
+    return {"run_seconds": round(seconds, 3), "tokens_this_run": tokens_done,
+            "tokens_per_s": round(tokens_done / seconds, 1) if seconds else 0.0,
+            "writer_busy_seconds": round(writer.busy_seconds, 3)}
+
+
+def _rows(arrays: HarvestArrays, chunk: int) -> int:
+    rows = arrays.chunk_rows(chunk)
+    return rows.stop - rows.start
+
+
+@task(name="publish-harvest")
+def publish_harvest(store_root: str, config: HarvestConfig, plan: HarvestPlan, stats: dict[str, Any]) -> Manifest:
+    """Write the manifest once every chunk is durable: from then on the harvest is readable."""
+    directory = Store(store_root).harvest_dir(plan.harvest_id)
+    done = {int(p.name[6:14]) for p in (directory / "_progress").glob("chunk-*.done")}
+    missing = sorted(set(range(plan.n_chunks)) - done)
+    if missing:
+        raise UserError(f"harvest {plan.harvest_id} still misses chunks {missing[:5]}: re-run to resume")
+    arrays = stats["arrays"]
+    manifest = Manifest(
+        kind="harvest", id=plan.harvest_id, config=config.model_dump(mode="json"), code_version=code_version(),
+        created=utc_now(),
+        counts={"n_tokens": plan.n_tokens, "n_seqs": plan.n_seqs, "n_chunks": plan.n_chunks,
+                "chunk_tokens": plan.chunk_tokens, "bytes": disk_bytes(directory)},
+        timings={k: v for k, v in stats.items() if isinstance(v, float | int)},
+        extra={"arrays": arrays, "corpus_id": plan.corpus_id, "ctx_len": plan.ctx_len, "device": stats["device"]},
+    )
+    write_manifest(directory, manifest)
+    return manifest
+
+
+@flow(name="harvest")
+def harvest(store_root: str, config: HarvestConfig, runtime: HarvestRuntime | None = None) -> Manifest:
+    """Corpus + model + sites -> activation arrays; re-running resumes and never duplicates a chunk."""
+    runtime = runtime or HarvestRuntime()
+    existing = read_manifest(Store(store_root).harvest_dir(config.harvest_id()))
+    if existing is not None:
+        return existing
+    plan = plan_harvest(store_root, config)
+    stats = harvest_chunks(store_root, config, runtime, plan)
+    return publish_harvest(store_root, config, plan, stats)

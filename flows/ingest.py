@@ -1,0 +1,75 @@
+"""Ingest: corpus source -> tokenized, packed token table (`store/corpora/<corpus_id>/part-*.parquet`)."""
+
+import sys
+import time
+from typing import Any
+
+import polars as pl
+from prefect import flow, task
+
+from schemas.corpus import CorpusConfig
+from schemas.ids import make_id
+from schemas.manifest import Manifest
+from store.objects import code_version, explain_os_error, read_manifest, staged_directory, utc_now, write_manifest
+from store.root import Store
+from store.sources import iter_documents
+from store.tokens import scan_tokens, write_token_table
+from transforms.models import load_tokenizer
+from transforms.packing import pack_documents
+
+
+def corpus_identity(config: CorpusConfig) -> dict[str, Any]:
+    """What the corpus id hashes: the config, plus the Python version for `pydocs` (its text comes from it)."""
+    identity: dict[str, Any] = config.model_dump(mode="json")
+    if config.source == "pydocs":
+        identity["python"] = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return identity
+
+
+def corpus_id(config: CorpusConfig) -> str:
+    return make_id("corpus", config.readable(), corpus_identity(config))
+
+
+def flat_counts(counts: dict[str, Any]) -> dict[str, int]:
+    """`{"tokens_by_split": {"train": 9}}` -> `{"tokens_by_split.train": 9}`: manifests keep flat int counts."""
+    flat: dict[str, int] = {}
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": int(v) for k, v in value.items()})
+        else:
+            flat[key] = int(value)
+    return flat
+
+
+@task(name="ingest-corpus")
+def ingest_corpus(store_root: str, config: CorpusConfig) -> Manifest:
+    """Tokenize and pack the corpus into a token table, published atomically with its manifest."""
+    store = Store(store_root)
+    cid = corpus_id(config)
+    final = store.corpus_dir(cid)
+    existing = read_manifest(final)
+    if existing is not None:
+        return existing
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(config.tokenizer)
+    try:
+        with staged_directory(final) as staging:
+            batches = pack_documents(iter_documents(config), tokenizer, config)
+            counts = flat_counts(write_token_table(staging, batches))
+            counts["max_token_id"] = int(scan_tokens(staging).select(pl.col("token_id").max()).collect().item())
+            manifest = Manifest(
+                kind="corpus", id=cid, config=corpus_identity(config), code_version=code_version(),
+                created=utc_now(), counts=counts, timings={"seconds": round(time.perf_counter() - start, 3)},
+                extra={"ctx_len": config.ctx_len, "bos_token_id": tokenizer.bos_token_id,
+                       "vocab_size": len(tokenizer)},
+            )
+            write_manifest(staging, manifest)
+    except OSError as exc:
+        raise explain_os_error(exc, final) from exc
+    return manifest
+
+
+@flow(name="ingest", log_prints=True)
+def ingest(store_root: str, config: CorpusConfig) -> Manifest:
+    """Corpus source -> token table; a finished corpus with the same config is reused, not rebuilt."""
+    return ingest_corpus(store_root, config)

@@ -1,0 +1,91 @@
+"""The store root and its layout: where every object lives, and read access to finished ones."""
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import polars as pl
+
+from schemas.errors import UserError
+from schemas.manifest import MANIFEST_NAME, Manifest
+from store.activations import ActivationArray, open_activation
+from store.objects import TMP_MARK, read_manifest
+
+DEFAULT_ROOT = "./actstore-data"
+KIND_DIRS = {"corpus": "corpora", "harvest": "activations", "sae": "saes"}
+
+
+class Listing(NamedTuple):
+    """One object of the store, finished or not."""
+
+    kind: str
+    id: str
+    complete: bool
+    """True when its manifest exists."""
+    counts: dict[str, int]
+    created: str
+
+
+class Store:
+    """A store root on local disk; see DESIGN.md for the layout."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+
+    def object_dir(self, kind: str, object_id: str) -> Path:
+        return self.root / KIND_DIRS[kind] / object_id
+
+    def corpus_dir(self, corpus_id: str) -> Path:
+        return self.object_dir("corpus", corpus_id)
+
+    def harvest_dir(self, harvest_id: str) -> Path:
+        return self.object_dir("harvest", harvest_id)
+
+    def manifest(self, kind: str, object_id: str) -> Manifest:
+        """The manifest of a finished object; a missing or incomplete one is a clear error."""
+        directory = self.object_dir(kind, object_id)
+        found = read_manifest(directory)
+        if found is None:
+            if directory.exists():
+                raise UserError(f"{kind} {object_id} is incomplete: re-run the command that makes it to resume")
+            known = [entry.id for entry in self.ls() if entry.kind == kind and entry.complete]
+            hint = f"known: {', '.join(known[:8])}" if known else f"run `actstore {_MAKER[kind]}` first"
+            raise UserError(f"no {kind} {object_id!r} in store {self.root}: {hint}")
+        return found
+
+    def tokens(self, corpus_id: str) -> pl.LazyFrame:
+        """The token table: tok, doc, seq, pos, token_id, split."""
+        self.manifest("corpus", corpus_id)
+        return pl.scan_parquet(self.corpus_dir(corpus_id) / "part-*.parquet")
+
+    def activations(self, harvest_id: str, site: str) -> ActivationArray:
+        """One site's activations (or `loss`), row = tok; slices like numpy."""
+        manifest = self.manifest("harvest", harvest_id)
+        arrays = list(manifest.extra.get("arrays", {}))
+        return open_activation(self.harvest_dir(harvest_id), site, arrays)
+
+    def ls(self) -> list[Listing]:
+        """Every object under the root, finished or not (temp directories of live ingests excluded)."""
+        found: list[Listing] = []
+        for kind, sub in KIND_DIRS.items():
+            base = self.root / sub
+            if not base.is_dir():
+                continue
+            for directory in sorted(base.iterdir()):
+                if not directory.is_dir() or TMP_MARK in directory.name:
+                    continue
+                path = directory / MANIFEST_NAME
+                if path.exists():
+                    data = json.loads(path.read_text())
+                    found.append(Listing(kind, directory.name, True, data.get("counts", {}), data.get("created", "")))
+                else:
+                    found.append(Listing(kind, directory.name, False, {}, ""))
+        return found
+
+
+_MAKER = {"corpus": "ingest", "harvest": "harvest", "sae": "train"}
+
+
+def open_store(root: str | Path = DEFAULT_ROOT) -> Store:
+    """Open a store root for reading (it need not exist yet: writers create it)."""
+    return Store(root)

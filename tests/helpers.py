@@ -1,0 +1,52 @@
+"""Shared test helpers: running the CLI as a real process, corpora on disk, and store snapshots."""
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WORDS = ("the model reads tokens and writes activations to the store while a sparse autoencoder finds "
+         "features in the residual stream of every layer of a transformer with attention and an mlp").split()
+
+
+def write_text_corpus(directory: Path, n_docs: int = 40, seed: int = 0) -> Path:
+    """Plain-text files of seeded random English-like documents."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(20, 120))]
+        (directory / f"doc-{i:03d}.txt").write_text(" ".join(words).capitalize() + ".\n")
+    return directory
+
+
+def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `actstore ARGS` in a fresh process, as a user would."""
+    result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"actstore {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def cli_popen(*args: str) -> subprocess.Popen[str]:
+    """Start `actstore ARGS` in its own process group (so a kill takes its children too)."""
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root with a hash of its bytes: equal snapshots mean an unchanged store."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
