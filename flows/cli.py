@@ -12,7 +12,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from schemas.errors import UserError
-from store.root import DEFAULT_ROOT
+from store.root import DEFAULT_ROOT, Store
 
 
 class _OneLineUserErrors(logging.Filter):
@@ -119,6 +119,39 @@ def cmd_harvest(a: argparse.Namespace) -> dict[str, Any]:
             "device": manifest.extra.get("device")}
 
 
+def _add_encode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", required=True, help="SAE checkpoint dir/file (SAELens, sparsify, Gemma Scope) or SAE id")
+    p.add_argument("--harvest", required=True, help="harvest id (see `actstore ls`)")
+    p.add_argument("--site", help="harvest site to encode (default: the SAE's hook, or the only site)")
+    p.add_argument("--value-dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="encode even if the SAE was trained on another model or hook (transfer experiments)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_encode(a: argparse.Namespace) -> dict[str, Any]:
+    from flows.encode import encode
+    from schemas.encode import EncodeRuntime
+
+    runtime = EncodeRuntime(device=a.device, batch_tokens=a.batch_tokens, allow_mismatch=a.allow_mismatch,
+                            progress=not a.no_progress)
+    manifest = encode(a.store, a.sae, a.harvest, a.site, a.value_dtype, runtime)
+    sae_id, harvest_id = manifest.id.split("/")
+    return {"sae_id": sae_id, "harvest_id": harvest_id, "site": manifest.extra["site"], **manifest.counts,
+            "path": str(Store(a.store).features_dir(sae_id, harvest_id))}
+
+
+def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
+    from flows.query_cli import print_frame, run_query
+
+    frame = run_query(a)
+    if not a.json:
+        print_frame(f"{a.query} · {a.sae} · {a.harvest}", frame)
+    return {"rows": frame.to_dicts()}
+
+
 def cmd_ls(a: argparse.Namespace) -> dict[str, Any]:
     from store.root import Store
 
@@ -149,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str]] = {
         "ingest": (cmd_ingest, "tokenize a corpus into the store's token table"),
         "harvest": (cmd_harvest, "run a model over a corpus and store activations (resumable)"),
+        "encode": (cmd_encode, "encode a harvest with an SAE into the sparse-feature store (resumable)"),
+        "query": (cmd_query, "query the sparse-feature store: top examples, density, documents, tokens"),
         "ls": (cmd_ls, "list what the store holds"),
         "demo": (cmd_demo, "ingest + harvest the embedded default model on pydocs"),
     }
@@ -160,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
             _add_corpus_args(p)
         elif name == "harvest":
             _add_harvest_args(p)
+        elif name == "encode":
+            _add_encode_args(p)
+        elif name == "query":
+            from flows.query_cli import add_query_args
+
+            add_query_args(p)
         elif name == "demo":
             p.add_argument("--tokens", type=int, default=160_000, help="tokens to ingest and harvest")
             p.add_argument("--layer", type=int, help="block whose resid_post is harvested (default: middle)")
@@ -170,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command != "ls":
+        if args.command not in ("ls", "query"):
             _quiet_prefect_tracebacks()
         summary = args.fn(args)
     except UserError as exc:

@@ -9,6 +9,7 @@ import polars as pl
 from schemas.errors import UserError
 from schemas.manifest import MANIFEST_NAME, Manifest
 from store.activations import ActivationArray, open_activation
+from store.feature_queries import Decode, Encode, FeatureQueries
 from store.objects import TMP_MARK, read_manifest
 
 DEFAULT_ROOT = "./actstore-data"
@@ -41,6 +42,12 @@ class Store:
     def harvest_dir(self, harvest_id: str) -> Path:
         return self.object_dir("harvest", harvest_id)
 
+    def sae_dir(self, sae_id: str) -> Path:
+        return self.object_dir("sae", sae_id)
+
+    def features_dir(self, sae_id: str, harvest_id: str) -> Path:
+        return self.root / "features" / sae_id / harvest_id
+
     def manifest(self, kind: str, object_id: str) -> Manifest:
         """The manifest of a finished object; a missing or incomplete one is a clear error."""
         directory = self.object_dir(kind, object_id)
@@ -64,6 +71,19 @@ class Store:
         arrays = list(manifest.extra.get("arrays", {}))
         return open_activation(self.harvest_dir(harvest_id), site, arrays)
 
+    def features(self, sae_id: str, harvest_id: str, decode: Decode | None = None,
+                 encode: Encode | None = None) -> FeatureQueries:
+        """Queries over an SAE's sparse features on a harvest, joined to that harvest's token table.
+
+        `decode` (token ids -> text) and `encode` (text -> ids) come from the model's tokenizer; the store
+        cannot load tokenizers itself, so callers pass them (the CLI does)."""
+        harvest = self.manifest("harvest", harvest_id)
+        directory = self.features_dir(sae_id, harvest_id)
+        if read_manifest(directory) is None:
+            state = "is incomplete: re-run the encode to resume it" if directory.exists() else "does not exist"
+            raise UserError(f"features of {sae_id} on {harvest_id} {state} (actstore encode)")
+        return FeatureQueries(directory, self.tokens(harvest.extra["corpus_id"]), decode, encode)
+
     def ls(self) -> list[Listing]:
         """Every object under the root, finished or not (temp directories of live ingests excluded)."""
         found: list[Listing] = []
@@ -80,10 +100,17 @@ class Store:
                     found.append(Listing(kind, directory.name, True, data.get("counts", {}), data.get("created", "")))
                 else:
                     found.append(Listing(kind, directory.name, False, {}, ""))
+        for directory in sorted((self.root / "features").glob("*/*")):
+            if directory.is_dir() and TMP_MARK not in directory.name:
+                manifest = read_manifest(directory)
+                object_id = f"{directory.parent.name}/{directory.name}"
+                found.append(Listing("features", object_id, manifest is not None,
+                                     manifest.counts if manifest else {}, manifest.created if manifest else ""))
         return found
 
 
-_MAKER = {"corpus": "ingest", "harvest": "harvest", "sae": "train"}
+_MAKER = {"corpus": "ingest", "harvest": "harvest", "sae": "train` or `actstore encode --sae PATH",
+          "features": "encode"}
 
 
 def open_store(root: str | Path = DEFAULT_ROOT) -> Store:

@@ -22,10 +22,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One ingest and one uninterrupted harvest; other stores link to this corpus instead of re-ingesting."""
     base = tmp_path_factory.mktemp("resume")
     model_dir = build_tiny_model("llama", base / "llama")
-    docs = write_text_corpus(base / "docs", n_docs=300, seed=1)
+    docs = write_text_corpus(base / "docs", n_docs=40, seed=1)
     root = base / "reference"
     out = cli("ingest", "--store", str(root), "--source", "text", "--path", str(docs), "--model", str(model_dir),
-              "--ctx-len", "16", "--json")
+              "--ctx-len", "16", "--max-tokens", "1600", "--json")
     corpus_id = json.loads(out.stdout.strip().splitlines()[-1])["corpus_id"]
     harvest_out = cli(*harvest_args(root, corpus_id, str(model_dir)))
     return {"base": str(base), "model": str(model_dir), "root": str(root), "corpus": corpus_id,

@@ -1,0 +1,164 @@
+"""Encode: a harvest's activations -> SAE latents -> the sparse-feature store, resumable exactly-once.
+
+The story: `import_sae` puts the checkpoint in the store under a content id, `encode_chunks` reads the
+activation array chunk by chunk, encodes on cpu or cuda and hands each chunk's non-zeros to the feature
+writer on a background thread (chunks already stored are skipped), `finish_features` sorts them into the
+by_feature / by_token / summary tables and writes the manifest.
+"""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import flow, task
+from tqdm.auto import tqdm
+
+from flows.saes import publish_sae
+from flows.writer_thread import BackgroundWriter
+from schemas.encode import EncodeConfig, EncodeRuntime
+from schemas.errors import UserError
+from schemas.manifest import Manifest
+from store.features import FeatureWriter, read_index
+from store.objects import code_version, explain_os_error, read_manifest, utc_now, write_manifest
+from store.root import Store
+from transforms.models import pick_device
+from transforms.sae import SAE, check_compatible, load
+
+
+def sparse_chunk(sae: SAE, x: torch.Tensor, first_tok: int, batch_tokens: int) -> tuple[np.ndarray, ...]:
+    """Encode rows `x` (tok = first_tok + row) in batches; the non-zero (feature, tok, value) triples."""
+    features, toks, values = [], [], []
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_tokens):
+            latents = sae.encode(x[start:start + batch_tokens])
+            rows, cols = torch.nonzero(latents, as_tuple=True)
+            features.append(cols.to(torch.int32).cpu().numpy())
+            toks.append((rows + (first_tok + start)).cpu().numpy())
+            values.append(latents[rows, cols].float().cpu().numpy())
+    return np.concatenate(features), np.concatenate(toks), np.concatenate(values)
+
+
+def resolve_site(store: Store, harvest_id: str, site: str | None, sae: SAE) -> str:
+    """The site to encode: as given, else the SAE's recorded hook, else the harvest's only site."""
+    sites = [s for s in store.manifest("harvest", harvest_id).extra["arrays"] if s != "loss"]
+    if site is None:
+        if sae.hook_name in sites:
+            return str(sae.hook_name)
+        if len(sites) == 1:
+            return sites[0]
+        raise UserError(f"harvest {harvest_id} has sites {', '.join(sites)} and the SAE records none of them: "
+                        "pass --site")
+    return site
+
+
+@task(name="encode-chunks")
+def encode_chunks(store_root: str, config: EncodeConfig, runtime: EncodeRuntime) -> dict[str, Any]:
+    """Encode every chunk not yet stored; returns this run's timing figures."""
+    store = Store(store_root)
+    harvest = store.manifest("harvest", config.harvest_id)
+    acts = store.activations(config.harvest_id, config.site)
+    device = pick_device(runtime.device)
+    sae = load(store.sae_dir(config.sae_id), device=device)
+    check_compatible(sae, acts.attrs.d, config.site, str(harvest.config["model"]["name"]), runtime.allow_mismatch)
+    directory = store.features_dir(config.sae_id, config.harvest_id)
+    n_chunks = -(-len(acts) // acts.chunk_tokens)
+    start = time.perf_counter()
+    encode_seconds = 0.0
+    try:
+        with FeatureWriter(directory, sae.d_sae, len(acts), config.value_dtype, top_k=config.top_k) as features:
+            if features.finished:
+                return {"encode_seconds": 0.0, "run_seconds": 0.0, "tokens_this_run": 0}
+            todo = [c for c in range(n_chunks) if not features.has_chunk(c)]
+            bar = tqdm(total=len(acts), initial=len(acts) - sum(_rows(acts, c) for c in todo), unit="tok",
+                       unit_scale=True, desc=f"encode {config.sae_id}", disable=not runtime.progress)
+
+            def write(item: tuple[int, tuple[np.ndarray, ...]]) -> None:
+                features.add_chunk(item[0], *item[1])
+
+            with BackgroundWriter(write, max_pending=2) as writer:
+                for chunk in todo:
+                    lo = chunk * acts.chunk_tokens
+                    x = torch.as_tensor(acts[lo:lo + acts.chunk_tokens]).to(device)
+                    if not torch.isfinite(x).all():
+                        bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0]) + lo
+                        raise UserError(f"non-finite activation at tok {bad} of {config.harvest_id}/{config.site}: "
+                                        "re-harvest in float32 or bfloat16; chunks already encoded are kept")
+                    tick = time.perf_counter()
+                    triples = sparse_chunk(sae, x, lo, runtime.batch_tokens)
+                    encode_seconds += time.perf_counter() - tick
+                    writer.submit((chunk, triples))
+                    bar.update(len(x))
+            bar.close()
+    except OSError as exc:
+        raise explain_os_error(exc, directory) from exc
+    seconds = time.perf_counter() - start
+    tokens = sum(_rows(acts, c) for c in todo)
+    return {"encode_seconds": round(encode_seconds, 3), "run_seconds": round(seconds, 3), "tokens_this_run": tokens,
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "device": str(device)}
+
+
+def _rows(acts: Any, chunk: int) -> int:
+    return min(acts.chunk_tokens, len(acts) - chunk * acts.chunk_tokens)
+
+
+@task(name="finish-features")
+def finish_features(store_root: str, config: EncodeConfig, stats: dict[str, Any]) -> Manifest:
+    """Sort the stored chunks into the feature tables, then publish the manifest."""
+    store = Store(store_root)
+    acts = store.activations(config.harvest_id, config.site)
+    sae_manifest = store.manifest("sae", config.sae_id)
+    directory = store.features_dir(config.sae_id, config.harvest_id)
+    start = time.perf_counter()
+    try:
+        with FeatureWriter(directory, sae_manifest.counts["d_sae"], len(acts), config.value_dtype,
+                           top_k=config.top_k) as features:
+            if not features.finished:
+                features.finish(-(-len(acts) // acts.chunk_tokens))
+    except OSError as exc:
+        raise explain_os_error(exc, directory) from exc
+    index = read_index(directory)
+    assert index is not None
+    timings = {k: v for k, v in stats.items() if isinstance(v, int | float)}
+    manifest = Manifest(
+        kind="features", id=f"{config.sae_id}/{config.harvest_id}", config=config.model_dump(mode="json"),
+        code_version=code_version(), created=utc_now(),
+        counts={"n_tokens": index.config.n_tokens, "nnz": index.nnz, "alive": index.alive,
+                "d_sae": index.config.d_sae, "n_chunks": index.n_chunks},
+        timings=timings | {"finish_seconds": round(time.perf_counter() - start, 3)},
+        extra={"site": config.site, "value_dtype": config.value_dtype},
+    )
+    write_manifest(directory, manifest)
+    return manifest
+
+
+@task(name="prepare-encode")
+def prepare_encode(store_root: str, sae: str, harvest_id: str, site: str | None, value_dtype: str,
+                   allow_mismatch: bool) -> EncodeConfig:
+    """Check the SAE against the harvest before anything is written, then import it into the store."""
+    store = Store(store_root)
+    harvest = store.manifest("harvest", harvest_id)
+    from_store = sae.startswith("sae-") and not Path(sae).exists()
+    model = load(store.sae_dir(store.manifest("sae", sae).id) if from_store else sae)
+    chosen = resolve_site(store, harvest_id, site, model)
+    acts = store.activations(harvest_id, chosen)
+    check_compatible(model, acts.attrs.d, chosen, str(harvest.config["model"]["name"]), allow_mismatch)
+    sae_id = sae if from_store else publish_sae(store_root, model, source=str(Path(sae).resolve())).id
+    return EncodeConfig(sae_id=sae_id, harvest_id=harvest_id, site=chosen, value_dtype=value_dtype)  # type: ignore[arg-type]
+
+
+@flow(name="encode")
+def encode(store_root: str, sae: str, harvest_id: str, site: str | None = None, value_dtype: str = "float16",
+           runtime: EncodeRuntime | None = None) -> Manifest:
+    """SAE (id or checkpoint path) x harvest -> sparse feature tables; re-running resumes, never duplicates."""
+    runtime = runtime or EncodeRuntime()
+    config = prepare_encode(store_root, sae, harvest_id, site, value_dtype, runtime.allow_mismatch)
+    existing = read_manifest(Store(store_root).features_dir(config.sae_id, harvest_id))
+    if existing is not None:
+        if existing.config != config.model_dump(mode="json"):
+            raise UserError(f"features of {config.sae_id} on {harvest_id} exist for site {existing.extra['site']}: "
+                            "delete that directory to encode another site")
+        return existing
+    stats = encode_chunks(store_root, config, runtime)
+    return finish_features(store_root, config, stats)

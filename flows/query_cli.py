@@ -1,0 +1,70 @@
+"""`actstore query`: the feature store's polars queries printed as tables, with decoded text."""
+
+import argparse
+from typing import Any
+
+import polars as pl
+
+from store.feature_queries import FeatureQueries
+from store.root import Store
+
+
+def add_query_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", required=True, help="SAE id (see `actstore ls`)")
+    p.add_argument("--harvest", required=True, help="harvest id")
+    p.add_argument("--limit", type=int, default=20, help="rows to print")
+    p.add_argument("--context", type=int, default=8, help="tokens of context either side")
+    what = p.add_subparsers(dest="query", required=True)
+    for name, help_text in (("top", "top examples of a feature"), ("quantiles", "examples across its range"),
+                            ("cooc", "features firing on the same tokens")):
+        what.add_parser(name, help=help_text).add_argument("feature", type=int)
+    density = what.add_parser("density", help="per-feature density (densest first)")
+    density.add_argument("--dead", action="store_true", help="only features that never fire")
+    density.add_argument("--dense", type=float, help="only features denser than this fraction")
+    what.add_parser("doc", help="features of one document").add_argument("doc", type=int)
+    rng = what.add_parser("range", help="features of a token range [start, stop)")
+    rng.add_argument("start", type=int)
+    rng.add_argument("stop", type=int)
+    what.add_parser("token", help="features firing on a token (string or id)").add_argument("token")
+
+
+def open_queries(a: argparse.Namespace) -> FeatureQueries:
+    """The feature store with the harvest model's tokenizer for decoding."""
+    from schemas.model import ModelConfig
+    from transforms.models import load_tokenizer
+
+    store = Store(a.store)
+    harvest = store.manifest("harvest", a.harvest)
+    tokenizer = load_tokenizer(ModelConfig.model_validate(harvest.config["model"]))
+    return store.features(a.sae, a.harvest, decode=lambda ids: tokenizer.decode(list(ids)),
+                          encode=lambda text: tokenizer.encode(text, add_special_tokens=False))
+
+
+def run_query(a: argparse.Namespace) -> pl.DataFrame:
+    q = open_queries(a)
+    token: int | str = int(a.token) if getattr(a, "token", "x").isdigit() else getattr(a, "token", "")
+    frames: dict[str, Any] = {
+        "top": lambda: q.top_examples(a.feature, k=a.limit, context=a.context)
+        .select("rank", "tok", "doc", "value", "context_text"),
+        "quantiles": lambda: q.quantile_examples(a.feature, context=a.context)
+        .select("bucket", "tok", "value", "context_text"),
+        "cooc": lambda: q.cooccurrence(a.feature, top=a.limit),
+        "density": lambda: (q.dead() if a.dead else q.dense(a.dense) if a.dense is not None
+                            else q.density().sort("density", descending=True)).head(a.limit),
+        "doc": lambda: q.document(a.doc).head(a.limit),
+        "range": lambda: q.token_range(a.start, a.stop).head(a.limit),
+        "token": lambda: q.on_token(token).head(a.limit),
+    }
+    return frames[a.query]().collect()
+
+
+def print_frame(title: str, frame: pl.DataFrame) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(column, overflow="fold")
+    for row in frame.iter_rows():
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    Console().print(table)

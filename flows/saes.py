@@ -1,0 +1,56 @@
+"""SAEs in the store: a checkpoint from anywhere (SAELens, sparsify, Gemma Scope, ours) is imported once into
+`store/saes/<sae_id>/` in SAELens' layout, under an id that hashes its weights; everything downstream uses the id."""
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from schemas.ids import make_id, slug
+from schemas.manifest import Manifest
+from schemas.sae import SAELENS_CFG, SAELENS_WEIGHTS
+from store.objects import TMP_MARK, code_version, explain_os_error, fsync_path, read_manifest, utc_now, write_manifest
+from store.root import Store
+from transforms.sae import SAE, save
+
+
+def sae_readable(sae: SAE) -> str:
+    hook = slug(sae.hook_name.replace("hook_", "").replace("blocks.", "L"), 24) if sae.hook_name else "any"
+    return f"{sae.architecture}-{sae.d_sae}-{hook}"
+
+
+def weights_digest(directory: Path) -> str:
+    """sha256 over the saved weights and config: two checkpoints with the same bytes get the same id."""
+    digest = hashlib.sha256()
+    for name in (SAELENS_WEIGHTS, SAELENS_CFG):
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()
+
+
+def publish_sae(store_root: str, sae: SAE, source: str, extra: dict | None = None) -> Manifest:
+    """Save `sae` into the store under its content id (a no-op when those bytes are already there)."""
+    store = Store(store_root)
+    base = store.root / "saes"
+    tmp = base / f"{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        tmp.mkdir(parents=True)
+        save(sae, tmp)
+        sae_id = make_id("sae", sae_readable(sae), {"weights": weights_digest(tmp)})
+        final = store.sae_dir(sae_id)
+        existing = read_manifest(final)
+        if existing is not None:
+            return existing
+        manifest = Manifest(
+            kind="sae", id=sae_id, config=sae.config.model_dump(mode="json"), code_version=code_version(),
+            created=utc_now(), counts={"d_in": sae.d_in, "d_sae": sae.d_sae}, extra={"source": source, **(extra or {})},
+        )
+        write_manifest(tmp, manifest)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_path(base)
+        return manifest
+    except OSError as exc:
+        raise explain_os_error(exc, base) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
