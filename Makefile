@@ -27,7 +27,12 @@ test: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python tests/bench/harvest.py
+	mkdir -p .bench
+	$(BIN)/python tests/bench/harvest.py --out .bench/harvest.md
+	$(BIN)/python tests/bench/encode.py --out .bench/encode.md
+	$(BIN)/python tests/bench/features.py --out .bench/features.md
+	$(BIN)/python tests/bench/reader.py --out .bench/reader.md
+	$(BIN)/python tests/bench/sae_training.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -152,6 +152,81 @@ def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
     return {"rows": frame.to_dicts()}
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--harvest", required=True, help="harvest id")
+    p.add_argument("--site", required=True, help="site of the harvest to train on")
+    p.add_argument("--architecture", choices=["topk", "batchtopk", "jumprelu", "standard"], default="topk")
+    p.add_argument("--d-sae", type=int, help="latents (default: 4 x d_in)")
+    p.add_argument("--k", type=float, default=32, help="topk/batchtopk: latents per token")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--l1", type=float, default=5.0, help="standard: L1 coefficient")
+    p.add_argument("--l0", type=float, default=1.0, help="jumprelu: L0 coefficient")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def train_run_from_args(a: argparse.Namespace) -> Any:
+    from schemas.train import TrainConfig
+    from schemas.train_run import TrainRun
+
+    k = None if a.architecture in ("jumprelu", "standard") else (int(a.k) if a.architecture == "topk" else a.k)
+    train = TrainConfig(architecture=a.architecture, d_sae=a.d_sae, expansion_factor=None if a.d_sae else 4, k=k,
+                        total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
+                        l1_coefficient=a.l1, l0_coefficient=a.l0, seed=a.seed, device=a.device)
+    return TrainRun(harvest_id=a.harvest, site=a.site, train=train, checkpoint_every=a.checkpoint_every)
+
+
+def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
+    from flows.train import train
+
+    manifest = train(a.store, train_run_from_args(a), progress=not a.no_progress)
+    return {"sae_id": manifest.id, **manifest.counts, **manifest.extra["eval_holdout"],
+            "path": str(Store(a.store).sae_dir(manifest.id))}
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["activations", "features"])
+    p.add_argument("--harvest", required=True, help="harvest id")
+    p.add_argument("--site", help="activations: the site to export")
+    p.add_argument("--sae", help="features: the SAE id")
+    p.add_argument("--format", required=True, choices=["parquet", "datasets", "npy", "safetensors"])
+    p.add_argument("--out", required=True, help="output directory (created atomically)")
+    p.add_argument("--rows", help="row range START:STOP")
+    p.add_argument("--split", choices=["train", "holdout"])
+    p.add_argument("--where", help="row filter on the token table, SQL, e.g. 'pos > 0 AND doc < 100'")
+    p.add_argument("--token-columns", default="", help="comma-separated token columns to add, e.g. doc,pos")
+    p.add_argument("--order", choices=["feature", "token"], default="feature", help="features: row order")
+    p.add_argument("--features", help="features: comma-separated feature ids to keep")
+
+
+def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
+    from store.exports import export_activations, export_features
+
+    store = Store(a.store)
+    rows = tuple(int(x) for x in a.rows.split(":")) if a.rows else None
+    columns = [c for c in a.token_columns.split(",") if c]
+    if a.what == "activations":
+        if not a.site:
+            raise UserError("export activations needs --site (see `actstore ls` and the harvest manifest)")
+        result = export_activations(store, a.harvest, a.site, a.out, a.format, rows=rows, split=a.split,  # type: ignore[arg-type]
+                                    where=a.where, token_columns=columns)
+    else:
+        if not a.sae:
+            raise UserError("export features needs --sae SAE_ID")
+        corpus = store.manifest("harvest", a.harvest).extra["corpus_id"]
+        store.features(a.sae, a.harvest)  # fails clearly when the features do not exist
+        result = export_features(store.features_dir(a.sae, a.harvest), a.out, a.format, order=a.order,
+                                 features=[int(f) for f in a.features.split(",")] if a.features else None,
+                                 rows=rows, split=a.split, where=a.where,  # type: ignore[arg-type]
+                                 token_table=store.corpus_dir(corpus), token_columns=columns)
+    return {"path": str(result.path), "written": result.written, **result.manifest.counts}
+
+
 def cmd_ls(a: argparse.Namespace) -> dict[str, Any]:
     from store.root import Store
 
@@ -173,7 +248,7 @@ def cmd_ls(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
     from flows.demo import run_demo
 
-    return run_demo(a.store, tokens=a.tokens, layer=a.layer, device=a.device)
+    return run_demo(a.store, tokens=a.tokens, layer=a.layer, device=a.device, train_tokens=a.train_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         "harvest": (cmd_harvest, "run a model over a corpus and store activations (resumable)"),
         "encode": (cmd_encode, "encode a harvest with an SAE into the sparse-feature store (resumable)"),
         "query": (cmd_query, "query the sparse-feature store: top examples, density, documents, tokens"),
+        "train": (cmd_train, "train an SAE on a harvest's activations (resumable)"),
+        "export": (cmd_export, "export activations or features to parquet / datasets / npy / safetensors"),
         "ls": (cmd_ls, "list what the store holds"),
-        "demo": (cmd_demo, "ingest + harvest the embedded default model on pydocs"),
+        "demo": (cmd_demo, "ingest, harvest, train an SAE, encode: the embedded default model on pydocs"),
     }
     for name, (fn, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -197,12 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
             _add_harvest_args(p)
         elif name == "encode":
             _add_encode_args(p)
+        elif name == "train":
+            _add_train_args(p)
+        elif name == "export":
+            _add_export_args(p)
         elif name == "query":
             from flows.query_cli import add_query_args
 
             add_query_args(p)
         elif name == "demo":
-            p.add_argument("--tokens", type=int, default=160_000, help="tokens to ingest and harvest")
+            p.add_argument("--tokens", type=int, default=120_000, help="tokens to ingest and harvest")
+            p.add_argument("--train-tokens", type=int, default=409_600, help="SAE training tokens")
             p.add_argument("--layer", type=int, help="block whose resid_post is harvested (default: middle)")
             p.add_argument("--device", default="auto")
     return parser
@@ -211,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command not in ("ls", "query"):
+        if args.command not in ("ls", "query", "export"):
             _quiet_prefect_tracebacks()
         summary = args.fn(args)
     except UserError as exc:

@@ -45,12 +45,11 @@ def bare_seconds(model: torch.nn.Module, batches: list[torch.Tensor], n_blocks: 
     return time.perf_counter() - start
 
 
-def harvest_seconds(root: Path, corpus_id: str, sites: tuple[str, ...], max_tokens: int, tag: int) -> tuple[float, str]:
+def harvest_seconds(root: Path, corpus_id: str, sites: tuple[str, ...], max_tokens: int) -> tuple[float, str]:
     """Run a fresh harvest (a new store directory each time) and return its run time, model load excluded."""
     config = HarvestConfig(corpus_id=corpus_id, sites=sites, max_tokens=max_tokens, batch_windows=4096 // CTX_LEN)
     store_root = str(root)
     plan = plan_harvest.fn(store_root, config)
-    Store(root).harvest_dir(plan.harvest_id).mkdir(parents=True, exist_ok=True)
     stats = harvest_chunks.fn(store_root, config, HarvestRuntime(progress=False), plan)
     publish_harvest.fn(store_root, config, plan, stats)
     return stats["run_seconds"], plan.harvest_id
@@ -74,7 +73,7 @@ def main() -> None:
         batch_windows = 4096 // CTX_LEN
         corpus_dir = Store(corpus_root).corpus_dir(corpus.id)
         n_seqs = args.tokens // CTX_LEN
-        batches = [torch.from_numpy(read_windows(corpus_dir, s, min(s + batch_windows, n_seqs), CTX_LEN))
+        batches = [torch.from_numpy(read_windows(corpus_dir, s, min(s + batch_windows, n_seqs), CTX_LEN)).long()
                    for s in range(0, n_seqs, batch_windows)]
         tokens = sum(b.numel() for b in batches)
         layer = args.layer
@@ -86,12 +85,11 @@ def main() -> None:
             (root / "corpora" / corpus.id).symlink_to(corpus_dir)
             return root
 
-        bare_stopped_warmup = bare_seconds(model, batches[:1], layer + 1)
-        del bare_stopped_warmup
+        bare_seconds(model, batches[:1], layer + 1)  # warm-up: first-call allocations
         bare, harvested, bytes_per_token = [], [], 0.0
         for r in range(args.repeats):
             bare.append(bare_seconds(model, batches, layer + 1))
-            seconds, hid = harvest_seconds(new_root(f"one-{r}"), corpus.id, (site,), args.tokens, r)
+            seconds, hid = harvest_seconds(new_root(f"one-{r}"), corpus.id, (site,), args.tokens)
             harvested.append(seconds)
             bytes_per_token = disk_bytes(Store(Path(tmp) / f"one-{r}").harvest_dir(hid) / f"{site}.zarr") / tokens
 
@@ -102,8 +100,8 @@ def main() -> None:
 
         layers4 = [layer // 4 * i for i in (1, 2, 3)] + [layer] if layer >= 4 else [0, 1, 2, 3]
         sites4 = tuple(f"blocks.{lay}.hook_resid_post" for lay in layers4)
-        four_in_one, _ = harvest_seconds(new_root("four"), corpus.id, sites4, args.tokens, 0)
-        four_single = sum(harvest_seconds(new_root(f"single-{lay}"), corpus.id, (s,), args.tokens, 0)[0]
+        four_in_one, _ = harvest_seconds(new_root("four"), corpus.id, sites4, args.tokens)
+        four_single = sum(harvest_seconds(new_root(f"single-{lay}"), corpus.id, (s,), args.tokens)[0]
                           for lay, s in zip(layers4, sites4, strict=True))
 
     bare_tps = tokens / statistics.median(bare)
