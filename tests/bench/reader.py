@@ -102,6 +102,36 @@ def reader_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str
     return "\n".join(lines) + "\n"
 
 
+def bench_training(root: Path, harvest_id: str, d: int, batch_size: int, steps: int,
+                   repeats: int) -> dict[str, float]:
+    """TopK SAE steps/s fed by the shuffled reader vs fed from batches already in memory (same batches)."""
+    from schemas.train import TrainConfig
+    from transforms.sae_training import Trainer
+
+    cfg = TrainConfig(architecture="topk", d_sae=8 * d, k=32, total_tokens=batch_size * steps * 100,
+                      batch_size=batch_size, warmup_steps=0, b_dec_init="mean", init_tokens=batch_size)
+    store = Store(root)
+
+    def reader_batches() -> Iterable[torch.Tensor]:
+        reader = ShardReader(store, [(harvest_id, SITE)], batch_size, seed=0)
+        for i, batch in enumerate(reader):
+            if i == steps:
+                return
+            yield batch
+
+    in_memory = [b.clone() for b in reader_batches()]
+    fed, memory = [], []
+    for _ in range(repeats):
+        for source, times in ((reader_batches, fed), (lambda: iter(in_memory), memory)):
+            trainer = Trainer(cfg, d)
+            trainer.init_from_data(in_memory[:1])
+            start = time.perf_counter()
+            for batch in source():
+                trainer.step(batch)
+            times.append(steps / (time.perf_counter() - start))
+    return {"reader": statistics.median(fed), "memory": statistics.median(memory)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1 << 20, help="rows of the synthetic harvest")
@@ -113,12 +143,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the harvest (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    parser.add_argument("--train-steps", type=int, default=8, help="SAE steps per training measurement")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         results = bench_reader(Path(tmp), args.rows, args.d, args.chunk, args.batch, args.buffer, args.workers,
                                args.repeats)
-    table = reader_table(results, args)
+        harvest_id = next(p.name for p in (Path(tmp) / "activations").iterdir() if p.is_dir())
+        training = bench_training(Path(tmp), harvest_id, args.d, args.batch, args.train_steps, args.repeats)
+    table = reader_table(results, args) + (
+        f"\n\nSAE training (TopK, d_sae={8 * args.d}, k=32, batch {args.batch}, {args.train_steps} steps, median of "
+        f"{args.repeats}):\n\n| fed by | steps/s | ÷ in-memory |\n|---|---:|---:|\n"
+        f"| in-memory tensors (same batches) | {training['memory']:.3f} | 1.00 |\n"
+        f"| shuffled shard reader | {training['reader']:.3f} | **{training['reader'] / training['memory']:.3f}** |\n")
     print(table)
     if args.out:
         args.out.write_text(table)
