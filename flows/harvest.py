@@ -21,7 +21,7 @@ from schemas.errors import UserError
 from schemas.harvest import DEFAULT_CHUNK_TOKENS, HarvestConfig, HarvestRuntime
 from schemas.manifest import Manifest
 from schemas.model import ModelConfig
-from store.activations import LOSS_SITE, ArraySpec, HarvestArrays, disk_bytes
+from store.activations import LOSS_SITE, ArraySpec, HarvestArrays, disk_bytes, done_chunks
 from store.objects import (
     code_version,
     explain_os_error,
@@ -195,8 +195,7 @@ def _rows(arrays: HarvestArrays, chunk: int) -> int:
 def publish_harvest(store_root: str, config: HarvestConfig, plan: HarvestPlan, stats: dict[str, Any]) -> Manifest:
     """Write the manifest once every chunk is durable: from then on the harvest is readable."""
     directory = Store(store_root).harvest_dir(plan.harvest_id)
-    done = {int(p.name[6:14]) for p in (directory / "_progress").glob("chunk-*.done")}
-    missing = sorted(set(range(plan.n_chunks)) - done)
+    missing = sorted(set(range(plan.n_chunks)) - done_chunks(directory))
     if missing:
         raise UserError(f"harvest {plan.harvest_id} still misses chunks {missing[:5]}: re-run to resume")
     arrays = stats["arrays"]

@@ -89,8 +89,12 @@ def train_sae(store_root: str, run: TrainRun, progress: bool = True) -> Manifest
         raise UserError(f"total_tokens {cfg.total_tokens} is less than one batch of {cfg.batch_size}: "
                         "raise --tokens or lower --batch-size")
     drop = {0} if run.drop_bos else set()
-    reader = ShardReader(store, [(run.harvest_id, run.site)], cfg.batch_size, seed=cfg.seed,
-                         buffer_tokens=run.buffer_tokens, split="train", drop_positions=drop)
+
+    def shards(split: str, seed: int) -> ShardReader:
+        return ShardReader(store, [(run.harvest_id, run.site)], cfg.batch_size, seed=seed,
+                           buffer_tokens=run.buffer_tokens, split=split, drop_positions=drop)
+
+    reader = shards("train", cfg.seed)
     trainer = Trainer(cfg, d_in)
     start = time.perf_counter()
     try:
@@ -102,10 +106,8 @@ def train_sae(store_root: str, run: TrainRun, progress: bool = True) -> Manifest
                 reader.load_state_dict(json.loads((checkpoint / "reader.json").read_text()))
                 log = pl.read_parquet(checkpoint / LOG_NAME).to_dicts()
             else:
-                init_reader = ShardReader(store, [(run.harvest_id, run.site)], cfg.batch_size, seed=cfg.seed,
-                                          buffer_tokens=run.buffer_tokens, split="train", drop_positions=drop)
                 init = []
-                for batch in init_reader:
+                for batch in shards("train", cfg.seed):
                     init.append(batch)
                     if sum(len(b) for b in init) >= cfg.init_tokens:
                         break
@@ -124,10 +126,7 @@ def train_sae(store_root: str, run: TrainRun, progress: bool = True) -> Manifest
             train_seconds = time.perf_counter() - start
             sae = trainer.export(hook_name=run.site, model_name=str(harvest.config["model"]["name"]),
                                  metadata={"sae_id": sae_id, "harvest_id": run.harvest_id})
-            holdout = ShardReader(store, [(run.harvest_id, run.site)], cfg.batch_size, seed=0,
-                                  buffer_tokens=run.buffer_tokens, split="holdout", drop_positions=drop,
-                                  rows=None)
-            evaluation = evaluate(sae, _limited(holdout, run.eval_tokens))
+            evaluation = evaluate(sae, _limited(shards("holdout", 0), run.eval_tokens))
             save(sae, directory)
             pl.DataFrame(log).write_parquet(directory / LOG_NAME)
             manifest = Manifest(

@@ -33,6 +33,11 @@ class ArraySpec(NamedTuple):
     """Store as a 1-D array of `n_tokens` (per-token loss) instead of `(n_tokens, d)`."""
 
 
+def done_chunks(harvest_dir: Path) -> set[int]:
+    """Chunks of a harvest marked done (their data was fsynced before the marker was written)."""
+    return {int(p.name[6:14]) for p in (harvest_dir / PROGRESS_DIR).glob("chunk-*.done")}
+
+
 def array_path(harvest_dir: Path, site: str) -> Path:
     if "/" in site or site.startswith("."):
         raise UserError(f"site name {site!r} cannot be a file name: use blocks.L.hook_X or a dotted module path")
@@ -89,7 +94,7 @@ class HarvestArrays:
 
     def done_chunks(self) -> set[int]:
         """Chunks whose data is durable on disk."""
-        return {int(p.name[6:14]) for p in self.progress.glob("chunk-*.done")}
+        return done_chunks(self.dir)
 
     def chunk_rows(self, chunk: int) -> slice:
         start = chunk * self.chunk_tokens
