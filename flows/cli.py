@@ -1,4 +1,6 @@
-"""The `actstore` command: ingest, harvest, ls, demo. Errors users can fix end in one line and exit 2."""
+"""The `actstore` command: ingest, harvest, train, encode, query, export, ls, demo.
+
+Errors users can fix end in one line and exit 2."""
 
 import argparse
 import json
@@ -11,6 +13,7 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from flows.query_cli import add_query_args
 from schemas.errors import UserError
 from store.root import DEFAULT_ROOT, Store
 
@@ -251,42 +254,36 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
     return run_demo(a.store, tokens=a.tokens, layer=a.layer, device=a.device, train_tokens=a.train_tokens)
 
 
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=120_000, help="tokens to ingest and harvest")
+    p.add_argument("--train-tokens", type=int, default=409_600, help="SAE training tokens")
+    p.add_argument("--layer", type=int, help="block whose resid_post is harvested (default: middle)")
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actstore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    commands: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str]] = {
-        "ingest": (cmd_ingest, "tokenize a corpus into the store's token table"),
-        "harvest": (cmd_harvest, "run a model over a corpus and store activations (resumable)"),
-        "encode": (cmd_encode, "encode a harvest with an SAE into the sparse-feature store (resumable)"),
-        "query": (cmd_query, "query the sparse-feature store: top examples, density, documents, tokens"),
-        "train": (cmd_train, "train an SAE on a harvest's activations (resumable)"),
-        "export": (cmd_export, "export activations or features to parquet / datasets / npy / safetensors"),
-        "ls": (cmd_ls, "list what the store holds"),
-        "demo": (cmd_demo, "ingest, harvest, train an SAE, encode: the embedded default model on pydocs"),
+    commands: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str,
+                              Callable[[argparse.ArgumentParser], None]]] = {
+        "ingest": (cmd_ingest, "tokenize a corpus into the store's token table", _add_corpus_args),
+        "harvest": (cmd_harvest, "run a model over a corpus and store activations (resumable)", _add_harvest_args),
+        "encode": (cmd_encode, "encode a harvest with an SAE into the sparse-feature store (resumable)",
+                   _add_encode_args),
+        "query": (cmd_query, "query the sparse-feature store: top examples, density, documents, tokens",
+                  add_query_args),
+        "train": (cmd_train, "train an SAE on a harvest's activations (resumable)", _add_train_args),
+        "export": (cmd_export, "export activations or features to parquet / datasets / npy / safetensors",
+                   _add_export_args),
+        "ls": (cmd_ls, "list what the store holds", lambda p: None),
+        "demo": (cmd_demo, "ingest, harvest, train an SAE, encode: the embedded default model on pydocs",
+                 _add_demo_args),
     }
-    for name, (fn, help_text) in commands.items():
+    for name, (fn, help_text, add_args) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_store(p)
         p.set_defaults(fn=fn)
-        if name == "ingest":
-            _add_corpus_args(p)
-        elif name == "harvest":
-            _add_harvest_args(p)
-        elif name == "encode":
-            _add_encode_args(p)
-        elif name == "train":
-            _add_train_args(p)
-        elif name == "export":
-            _add_export_args(p)
-        elif name == "query":
-            from flows.query_cli import add_query_args
-
-            add_query_args(p)
-        elif name == "demo":
-            p.add_argument("--tokens", type=int, default=120_000, help="tokens to ingest and harvest")
-            p.add_argument("--train-tokens", type=int, default=409_600, help="SAE training tokens")
-            p.add_argument("--layer", type=int, help="block whose resid_post is harvested (default: middle)")
-            p.add_argument("--device", default="auto")
+        add_args(p)
     return parser
 
 

@@ -20,6 +20,7 @@ from flows.writer_thread import BackgroundWriter
 from schemas.encode import EncodeConfig, EncodeRuntime
 from schemas.errors import UserError
 from schemas.manifest import Manifest
+from store.activations import chunk_rows
 from store.features import FeatureWriter, read_index
 from store.objects import code_version, explain_os_error, read_manifest, utc_now, write_manifest
 from store.root import Store
@@ -67,26 +68,27 @@ def encode_chunks(store_root: str, config: EncodeConfig, runtime: EncodeRuntime)
     start = time.perf_counter()
     encode_seconds = 0.0
     try:
-        with FeatureWriter(directory, sae.d_sae, len(acts), config.value_dtype, top_k=config.top_k) as features:
+        with feature_writer(directory, sae.d_sae, len(acts), config) as features:
             if features.finished:
                 return {"encode_seconds": 0.0, "run_seconds": 0.0, "tokens_this_run": 0}
             todo = [c for c in range(n_chunks) if not features.has_chunk(c)]
-            bar = tqdm(total=len(acts), initial=len(acts) - sum(_rows(acts, c) for c in todo), unit="tok",
+            spans = [chunk_rows(c, acts.chunk_tokens, len(acts)) for c in todo]
+            tokens = sum(r.stop - r.start for r in spans)
+            bar = tqdm(total=len(acts), initial=len(acts) - tokens, unit="tok",
                        unit_scale=True, desc=f"encode {config.sae_id}", disable=not runtime.progress)
 
             def write(item: tuple[int, tuple[np.ndarray, ...]]) -> None:
                 features.add_chunk(item[0], *item[1])
 
             with BackgroundWriter(write, max_pending=2) as writer:
-                for chunk in todo:
-                    lo = chunk * acts.chunk_tokens
-                    x = torch.as_tensor(acts[lo:lo + acts.chunk_tokens]).to(device)
+                for chunk, rows in zip(todo, spans, strict=True):
+                    x = torch.as_tensor(acts[rows]).to(device)
                     if not torch.isfinite(x).all():
-                        bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0]) + lo
+                        bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0]) + rows.start
                         raise UserError(f"non-finite activation at tok {bad} of {config.harvest_id}/{config.site}: "
                                         "re-harvest in float32 or bfloat16; chunks already encoded are kept")
                     tick = time.perf_counter()
-                    triples = sparse_chunk(sae, x, lo, runtime.batch_tokens)
+                    triples = sparse_chunk(sae, x, rows.start, runtime.batch_tokens)
                     encode_seconds += time.perf_counter() - tick
                     writer.submit((chunk, triples))
                     bar.update(len(x))
@@ -94,13 +96,13 @@ def encode_chunks(store_root: str, config: EncodeConfig, runtime: EncodeRuntime)
     except OSError as exc:
         raise explain_os_error(exc, directory) from exc
     seconds = time.perf_counter() - start
-    tokens = sum(_rows(acts, c) for c in todo)
     return {"encode_seconds": round(encode_seconds, 3), "run_seconds": round(seconds, 3), "tokens_this_run": tokens,
             "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "device": str(device)}
 
 
-def _rows(acts: Any, chunk: int) -> int:
-    return min(acts.chunk_tokens, len(acts) - chunk * acts.chunk_tokens)
+def feature_writer(directory: Path, d_sae: int, n_tokens: int, config: EncodeConfig) -> FeatureWriter:
+    """The writer of one feature store; the chunk loop and the final sort must open it with the same settings."""
+    return FeatureWriter(directory, d_sae, n_tokens, config.value_dtype, top_k=config.top_k)
 
 
 @task(name="finish-features")
@@ -112,8 +114,7 @@ def finish_features(store_root: str, config: EncodeConfig, stats: dict[str, Any]
     directory = store.features_dir(config.sae_id, config.harvest_id)
     start = time.perf_counter()
     try:
-        with FeatureWriter(directory, sae_manifest.counts["d_sae"], len(acts), config.value_dtype,
-                           top_k=config.top_k) as features:
+        with feature_writer(directory, sae_manifest.counts["d_sae"], len(acts), config) as features:
             if not features.finished:
                 features.finish(-(-len(acts) // acts.chunk_tokens))
     except OSError as exc:

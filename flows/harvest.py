@@ -157,7 +157,8 @@ def _run_chunks(model: torch.nn.Module, sites: list[SiteSpec], arrays: HarvestAr
 
     run_start = time.perf_counter()
     tokens_done = 0
-    bar = tqdm(total=plan.n_tokens, initial=plan.n_tokens - sum(_rows(arrays, c) for c in todo),
+    todo_tokens = sum(r.stop - r.start for r in map(arrays.chunk_rows, todo))
+    bar = tqdm(total=plan.n_tokens, initial=plan.n_tokens - todo_tokens,
                unit="tok", unit_scale=True, desc=plan.harvest_id, disable=not runtime.progress)
     with Capture(model, sites, loss=config.loss) as capture, BackgroundWriter(write, runtime.queue_chunks) as writer:
         for chunk in todo:
@@ -184,11 +185,6 @@ def _run_chunks(model: torch.nn.Module, sites: list[SiteSpec], arrays: HarvestAr
     return {"run_seconds": round(seconds, 3), "tokens_this_run": tokens_done,
             "tokens_per_s": round(tokens_done / seconds, 1) if seconds else 0.0,
             "writer_busy_seconds": round(writer.busy_seconds, 3)}
-
-
-def _rows(arrays: HarvestArrays, chunk: int) -> int:
-    rows = arrays.chunk_rows(chunk)
-    return rows.stop - rows.start
 
 
 @task(name="publish-harvest")

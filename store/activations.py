@@ -33,6 +33,12 @@ class ArraySpec(NamedTuple):
     """Store as a 1-D array of `n_tokens` (per-token loss) instead of `(n_tokens, d)`."""
 
 
+def chunk_rows(chunk: int, chunk_tokens: int, n_tokens: int) -> slice:
+    """Rows (= toks) of one chunk; the last chunk of an array may be short."""
+    start = chunk * chunk_tokens
+    return slice(start, min(start + chunk_tokens, n_tokens))
+
+
 def done_chunks(harvest_dir: Path) -> set[int]:
     """Chunks of a harvest marked done (their data was fsynced before the marker was written)."""
     return {int(p.name[6:14]) for p in (harvest_dir / PROGRESS_DIR).glob("chunk-*.done")}
@@ -97,8 +103,7 @@ class HarvestArrays:
         return done_chunks(self.dir)
 
     def chunk_rows(self, chunk: int) -> slice:
-        start = chunk * self.chunk_tokens
-        return slice(start, min(start + self.chunk_tokens, self.n_tokens))
+        return chunk_rows(chunk, self.chunk_tokens, self.n_tokens)
 
     def write_chunk(self, chunk: int, values: Mapping[str, torch.Tensor | np.ndarray]) -> int:
         """Write one chunk of every array, make it durable, then mark it done. Returns bytes written."""

@@ -68,9 +68,8 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 # --- reading exports back with each format's own reader -----------------------------------------------------------
 
 
-def read_parquet(out: Path) -> dict[str, np.ndarray]:
-    parts = sorted(out.glob("part-*.parquet"))
-    table = pa.concat_tables(pq.read_table(p) for p in parts)
+def arrow_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """Numpy columns of an Arrow table: fixed-size lists as 2-D arrays, `split` as Python strings."""
     columns = {}
     for name in table.column_names:
         column = table.column(name).combine_chunks()
@@ -79,20 +78,19 @@ def read_parquet(out: Path) -> dict[str, np.ndarray]:
         else:
             columns[name] = np.asarray(column.to_pylist(), dtype=object) if name == "split" else column.to_numpy()
     return columns
+
+
+def read_parquet(out: Path) -> dict[str, np.ndarray]:
+    parts = sorted(out.glob("part-*.parquet"))
+    table = pa.concat_tables(pq.read_table(p) for p in parts)
+    return arrow_columns(table)
 
 
 def read_datasets(out: Path) -> dict[str, np.ndarray]:
     loaded = datasets.load_from_disk(str(out))
     assert isinstance(loaded, datasets.Dataset)
     table = loaded.with_format("arrow")[:]
-    columns = {}
-    for name in table.column_names:
-        column = table.column(name).combine_chunks()
-        if pa.types.is_fixed_size_list(column.type):
-            columns[name] = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
-        else:
-            columns[name] = np.asarray(column.to_pylist(), dtype=object) if name == "split" else column.to_numpy()
-    return columns
+    return arrow_columns(table)
 
 
 def read_npy(out: Path) -> dict[str, np.ndarray]:
