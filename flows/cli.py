@@ -1,4 +1,5 @@
-"""The `actstore` command: ingest, harvest, train, encode, query, export, ls, demo.
+"""The `actstore` command: ingest, harvest, train, encode, query, eval, transfer, attribute,
+direction, forecast, dashboard, synthetic, export, ls, demo.
 
 Errors users can fix end in one line and exit 2."""
 
@@ -13,6 +14,21 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from flows.analysis_cli import (
+    add_attribute_args,
+    add_dashboard_args,
+    add_direction_args,
+    add_eval_args,
+    add_synthetic_args,
+    add_transfer_args,
+    cmd_attribute,
+    cmd_dashboard,
+    cmd_direction,
+    cmd_eval,
+    cmd_synthetic,
+    cmd_transfer,
+)
+from flows.forecast_cli import add_forecast_args, cmd_forecast
 from flows.query_cli import add_query_args
 from schemas.errors import UserError
 from store.root import DEFAULT_ROOT, Store
@@ -87,8 +103,22 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", required=True, help="corpus id (see `actstore ls`)")
     p.add_argument("--model", help="hub id, local dir, .gguf or smollm2-135m (default: the corpus tokenizer's)")
     p.add_argument("--model-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    p.add_argument("--control", choices=["reinit", "permute", "perturb"],
+                   help="harvest a control copy of the model: weights re-initialised, permuted or perturbed (seeded)")
+    p.add_argument("--control-seed", type=int, default=0)
+    p.add_argument("--control-scale", type=float, help="perturb: noise std relative to each weight tensor's std")
+    p.add_argument("--control-keep-embeddings", action="store_true",
+                   help="leave the token embedding and unembedding as trained")
     p.add_argument("--site", action="append", required=True, help="blocks.L.hook_resid_post etc. (repeatable)")
     p.add_argument("--loss", action="store_true", help="also store per-token next-token loss (full forward)")
+    p.add_argument("--gradients", choices=["loss", "logit_diff"],
+                   help="also store d(metric summed over each window)/d(activation) at every site (for attribute)")
+    p.add_argument("--ablate", action="append", default=[], metavar="DIRECTION_ID@SITE[,SITE]",
+                   help="ablate a direction (actstore direction) at sites during the forward (repeatable)")
+    p.add_argument("--add", action="append", default=[], metavar="DIRECTION_ID@SITE[,SITE]:ALPHA",
+                   help="add alpha x a direction at sites during the forward (repeatable)")
+    p.add_argument("--logit-diff", nargs=2, type=int, metavar=("A", "B"),
+                   help="--gradients logit_diff: the metric is logit[A] - logit[B] at every position")
     p.add_argument("--store-dtype", choices=["model", "float32", "float16", "bfloat16"], default="model")
     p.add_argument("--batch-windows", type=int, help="windows per forward batch (default ~4096 tokens)")
     p.add_argument("--max-tokens", type=int, help="harvest only the first tokens of the corpus")
@@ -99,16 +129,40 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
 
 def _harvest_config(a: argparse.Namespace, store_root: str) -> Any:
     from schemas.harvest import HarvestConfig
-    from schemas.model import ModelConfig
+    from schemas.model import ModelConfig, ModelControl
     from store.root import Store
 
+    if a.control is None and (a.control_scale is not None or a.control_keep_embeddings):
+        raise UserError("--control-scale and --control-keep-embeddings need --control reinit|permute|perturb")
+    control = None if a.control is None else ModelControl(kind=a.control, seed=a.control_seed, scale=a.control_scale,
+                                                          keep_embeddings=a.control_keep_embeddings)
     if a.model:
-        model = ModelConfig(name=a.model, dtype=a.model_dtype)
+        model = ModelConfig(name=a.model, dtype=a.model_dtype, control=control)
     else:
         corpus = Store(store_root).manifest("corpus", a.corpus)
-        model = ModelConfig.model_validate({**corpus.config["tokenizer"], "dtype": a.model_dtype})
+        model = ModelConfig.model_validate({**corpus.config["tokenizer"], "dtype": a.model_dtype, "control": control})
     return HarvestConfig(corpus_id=a.corpus, model=model, sites=tuple(a.site), loss=a.loss,
-                         store_dtype=a.store_dtype, batch_windows=a.batch_windows, max_tokens=a.max_tokens)
+                         store_dtype=a.store_dtype, batch_windows=a.batch_windows, max_tokens=a.max_tokens,
+                         gradient_metric=a.gradients, logit_diff_tokens=tuple(a.logit_diff) if a.logit_diff else None,
+                         interventions=tuple(parse_intervention(kind, text) for kind, texts in
+                                             (("ablate", a.ablate), ("add", a.add)) for text in texts))
+
+
+def parse_intervention(kind: str, text: str) -> Any:
+    """`DIRECTION_ID@SITE[,SITE]` (ablate) or `DIRECTION_ID@SITE[,SITE]:ALPHA` (add)."""
+    from schemas.directions import Intervention
+
+    form = "DIRECTION_ID@SITE[,SITE]" + (":ALPHA" if kind == "add" else "")
+    head, _, alpha = text.rpartition(":") if kind == "add" else (text, "", "")
+    direction_id, _, sites = head.partition("@")
+    try:
+        value = float(alpha) if kind == "add" else 1.0
+    except ValueError:
+        value = None
+    if not direction_id or not sites or value is None:
+        raise UserError(f"--{kind} {text!r} is not {form}: e.g. --{kind} direction-L6-1a2b3c4d@blocks.6.hook_resid_post"
+                        + (":4.0" if kind == "add" else ""))
+    return Intervention(kind=kind, direction_id=direction_id, sites=tuple(sites.split(",")), alpha=value)
 
 
 def cmd_harvest(a: argparse.Namespace) -> dict[str, Any]:
@@ -275,6 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
         "train": (cmd_train, "train an SAE on a harvest's activations (resumable)", _add_train_args),
         "export": (cmd_export, "export activations or features to parquet / datasets / npy / safetensors",
                    _add_export_args),
+        "eval": (cmd_eval, "evaluate an SAE on a harvest: reconstruction, latents, spliced CE loss", add_eval_args),
+        "transfer": (cmd_transfer, "compare two models' activations on the same tokens and transfer their SAEs",
+                     add_transfer_args),
+        "direction": (cmd_direction, "difference-in-means direction between two token sets of a harvest site",
+                      add_direction_args),
+        "attribute": (cmd_attribute, "attribution patching of SAE features from a harvest's stored gradients",
+                      add_attribute_args),
+        "forecast": (cmd_forecast, "fit scaling laws to the store's losses and SAE evaluations, and forecast",
+                     add_forecast_args),
+        "dashboard": (cmd_dashboard, "render a static HTML feature dashboard for an SAE on a harvest",
+                      add_dashboard_args),
+        "synthetic": (cmd_synthetic, "write a synthetic activation set (Gaussian mixture, uniform cube) as a harvest",
+                      add_synthetic_args),
         "ls": (cmd_ls, "list what the store holds", lambda p: None),
         "demo": (cmd_demo, "ingest, harvest, train an SAE, encode: the embedded default model on pydocs",
                  _add_demo_args),

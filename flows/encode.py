@@ -15,7 +15,8 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from flows.saes import publish_sae
+from flows.harvest import activation_sites, harvest_model_label
+from flows.saes import open_sae, stored_sae_id
 from flows.writer_thread import BackgroundWriter
 from schemas.encode import EncodeConfig, EncodeRuntime
 from schemas.errors import UserError
@@ -43,7 +44,7 @@ def sparse_chunk(sae: SAE, x: torch.Tensor, first_tok: int, batch_tokens: int) -
 
 def resolve_site(store: Store, harvest_id: str, site: str | None, sae: SAE) -> str:
     """The site to encode: as given, else the SAE's recorded hook, else the harvest's only site."""
-    sites = [s for s in store.manifest("harvest", harvest_id).extra["arrays"] if s != "loss"]
+    sites = activation_sites(store.manifest("harvest", harvest_id))
     if site is None:
         if sae.hook_name in sites:
             return str(sae.hook_name)
@@ -62,7 +63,7 @@ def encode_chunks(store_root: str, config: EncodeConfig, runtime: EncodeRuntime)
     acts = store.activations(config.harvest_id, config.site)
     device = pick_device(runtime.device)
     sae = load(store.sae_dir(config.sae_id), device=device)
-    check_compatible(sae, acts.attrs.d, config.site, str(harvest.config["model"]["name"]), runtime.allow_mismatch)
+    check_compatible(sae, acts.attrs.d, config.site, harvest_model_label(harvest), runtime.allow_mismatch)
     directory = store.features_dir(config.sae_id, config.harvest_id)
     n_chunks = -(-len(acts) // acts.chunk_tokens)
     start = time.perf_counter()
@@ -140,12 +141,11 @@ def prepare_encode(store_root: str, sae: str, harvest_id: str, site: str | None,
     """Check the SAE against the harvest before anything is written, then import it into the store."""
     store = Store(store_root)
     harvest = store.manifest("harvest", harvest_id)
-    from_store = sae.startswith("sae-") and not Path(sae).exists()
-    model = load(store.sae_dir(store.manifest("sae", sae).id) if from_store else sae)
+    model, known_id = open_sae(store_root, sae)
     chosen = resolve_site(store, harvest_id, site, model)
     acts = store.activations(harvest_id, chosen)
-    check_compatible(model, acts.attrs.d, chosen, str(harvest.config["model"]["name"]), allow_mismatch)
-    sae_id = sae if from_store else publish_sae(store_root, model, source=str(Path(sae).resolve())).id
+    check_compatible(model, acts.attrs.d, chosen, harvest_model_label(harvest), allow_mismatch)
+    sae_id = stored_sae_id(store_root, sae, model, known_id)
     return EncodeConfig(sae_id=sae_id, harvest_id=harvest_id, site=chosen, value_dtype=value_dtype)  # type: ignore[arg-type]
 
 

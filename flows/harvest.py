@@ -1,4 +1,4 @@
-"""Harvest: token windows -> model -> one Zarr array per site (and per-token loss), resumable exactly-once.
+"""Harvest: token windows -> model -> one Zarr array per site (+ loss, gradients), resumable exactly-once.
 
 The story: `plan_harvest` sizes the job from the corpus manifest (no model needed), `harvest_chunks` runs the
 model over every chunk not yet marked done while a writer thread stores the previous batches, and
@@ -15,10 +15,11 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
+from flows.directions import intervention_replacements
 from flows.writer_thread import BackgroundWriter
 from schemas.arrays import ActivationAttrs
 from schemas.errors import UserError
-from schemas.harvest import DEFAULT_CHUNK_TOKENS, HarvestConfig, HarvestRuntime
+from schemas.harvest import DEFAULT_CHUNK_TOKENS, GRADIENT_SUFFIX, HarvestConfig, HarvestRuntime, gradient_array
 from schemas.manifest import Manifest
 from schemas.model import ModelConfig
 from store.activations import LOSS_SITE, ArraySpec, HarvestArrays, disk_bytes, done_chunks
@@ -33,9 +34,11 @@ from store.objects import (
 )
 from store.root import Store
 from store.tokens import read_windows
-from transforms.capture import Capture, first_nonfinite
+from transforms.capture import Capture, CaptureResult, first_nonfinite
+from transforms.gradients import GradientCapture, GradientResult, check_logit_diff_tokens
 from transforms.models import load_model, max_context, model_dtype_name, pick_device
 from transforms.sites import SiteSpec, resolve_sites
+from transforms.splice import Splice
 
 
 class HarvestPlan(NamedTuple):
@@ -79,6 +82,22 @@ def plan_harvest(store_root: str, config: HarvestConfig) -> HarvestPlan:
     return HarvestPlan(config.harvest_id(), config.corpus_id, ctx_len, n_seqs, min(batch_windows, n_seqs))
 
 
+def harvest_model(harvest: Manifest) -> ModelConfig:
+    """The model a harvest ran (its control included); synthetic harvests name their generator."""
+    return ModelConfig.model_validate(harvest.config["model"])
+
+
+def activation_sites(harvest: Manifest) -> list[str]:
+    """The sites a harvest stored activations of: its arrays less the loss and the gradient arrays."""
+    return [s for s in harvest.extra["arrays"] if s != LOSS_SITE and not s.endswith(GRADIENT_SUFFIX)]
+
+
+def harvest_model_label(harvest: Manifest) -> str:
+    """What SAEs trained on this harvest record as their model, so a control's SAE is never taken for the
+    trained model's: `smollm2-135m`, `smollm2-135m+reinit-s0`, `synthetic:gaussian_mixture`."""
+    return harvest_model(harvest).label()
+
+
 @functools.lru_cache(maxsize=2)
 def cached_model(config: ModelConfig, device: str) -> torch.nn.Module:
     """One model per process and device: flows and workers load it once, never pass it as an argument."""
@@ -99,17 +118,22 @@ def check_model_fits(model: torch.nn.Module, plan: HarvestPlan, vocab_needed: in
             f"corpus {plan.corpus_id} has token ids up to {vocab_needed - 1} but model {config.model.name} has "
             f"{vocab} embeddings: ingest the corpus with this model's tokenizer (--model {config.model.name})"
         )
+    if config.logit_diff_tokens is not None:
+        check_logit_diff_tokens(model, config.logit_diff_tokens)
 
 
 def array_specs(plan: HarvestPlan, config: HarvestConfig, sites: list[SiteSpec], model_dtype: str) -> list[ArraySpec]:
     logical = model_dtype if config.store_dtype == "model" else config.store_dtype
-    common = {"harvest_id": plan.harvest_id, "corpus_id": plan.corpus_id, "model": config.model.name,
+    common = {"harvest_id": plan.harvest_id, "corpus_id": plan.corpus_id, "model": config.model.label(),
               "n_tokens": plan.n_tokens, "ctx_len": plan.ctx_len, "chunk_tokens": plan.chunk_tokens}
     specs = [ArraySpec(ActivationAttrs(site=s.name, module=s.module, logical_dtype=logical, d=s.d, **common))
              for s in sites]
     if config.loss:
         loss_attrs = ActivationAttrs(site=LOSS_SITE, module="lm_head", logical_dtype="float32", d=1, **common)
         specs.append(ArraySpec(loss_attrs, squeeze=True))
+    if config.gradient_metric is not None:  # float32 whatever the store dtype: float16 flushes small gradients
+        specs += [ArraySpec(ActivationAttrs(site=gradient_array(s.name), module=s.module, logical_dtype="float32",
+                                            d=s.d, **common)) for s in sites]
     return specs
 
 
@@ -134,8 +158,12 @@ def harvest_chunks(
     check_model_fits(model, plan, int(corpus.counts.get("max_token_id", -1)) + 1, config)
     specs = array_specs(plan, config, sites, model_dtype_name(model))
     directory = store.harvest_dir(plan.harvest_id)
+    targets = resolve_sites(model, sorted({s for i in config.interventions for s in i.sites}))
+    replacements = intervention_replacements(store, config.interventions, {t.name: t.d for t in targets})
     try:
-        with object_lock(directory):
+        # the splice is hooked before the capture, so the stored activations are the intervened ones
+        with object_lock(directory), Splice(model, targets) as splice:
+            splice.set(replacements)
             arrays = HarvestArrays(directory, specs, plan.n_tokens, plan.chunk_tokens)
             remove_temp_files(directory)
             stats = _run_chunks(model, sites, arrays, store.corpus_dir(plan.corpus_id), config, runtime, plan, device)
@@ -160,13 +188,17 @@ def _run_chunks(model: torch.nn.Module, sites: list[SiteSpec], arrays: HarvestAr
     todo_tokens = sum(r.stop - r.start for r in map(arrays.chunk_rows, todo))
     bar = tqdm(total=plan.n_tokens, initial=plan.n_tokens - todo_tokens,
                unit="tok", unit_scale=True, desc=plan.harvest_id, disable=not runtime.progress)
-    with Capture(model, sites, loss=config.loss) as capture, BackgroundWriter(write, runtime.queue_chunks) as writer:
+    capture = (Capture(model, sites, loss=config.loss) if config.gradient_metric is None
+               else GradientCapture(model, sites, config.gradient_metric, config.logit_diff_tokens))
+    with capture, BackgroundWriter(write, runtime.queue_chunks) as writer:
         for chunk in todo:
             rows = arrays.chunk_rows(chunk)
             windows = read_windows(corpus_dir, rows.start // plan.ctx_len, rows.stop // plan.ctx_len, plan.ctx_len)
             ids = torch.from_numpy(windows.astype(np.int64)).to(device)
             result = capture(ids)
-            bad = first_nonfinite(result)
+            grads = ({gradient_array(s): g for s, g in result.grads.items()}
+                     if isinstance(result, GradientResult) else {})
+            bad = first_nonfinite(CaptureResult({**result.acts, **grads}, None))
             if bad is not None:
                 site, row = bad
                 raise UserError(
@@ -174,7 +206,7 @@ def _run_chunks(model: torch.nn.Module, sites: list[SiteSpec], arrays: HarvestAr
                     f"{config.model.name} in {model_dtype_name(model)}: harvest in float32 or bfloat16 "
                     "(--model-dtype); finished chunks are kept"
                 )
-            values: dict[str, torch.Tensor] = dict(result.acts)
+            values: dict[str, torch.Tensor] = {**result.acts, **grads}
             if result.loss is not None:
                 values[LOSS_SITE] = result.loss
             writer.submit((chunk, values))

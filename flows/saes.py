@@ -12,7 +12,7 @@ from schemas.manifest import Manifest
 from schemas.sae import SAELENS_CFG, SAELENS_WEIGHTS
 from store.objects import TMP_MARK, code_version, explain_os_error, fsync_path, read_manifest, utc_now, write_manifest
 from store.root import Store
-from transforms.sae import SAE, save
+from transforms.sae import SAE, load, save
 
 
 def sae_readable(sae: SAE) -> str:
@@ -54,3 +54,20 @@ def publish_sae(store_root: str, sae: SAE, source: str, extra: dict | None = Non
         raise explain_os_error(exc, base) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_sae(store_root: str, sae: str) -> tuple[SAE, str | None]:
+    """`sae` is an SAE id of the store or a checkpoint path: the loaded SAE, and its id when it is in the store.
+
+    Commands check a checkpoint against the harvest before importing it, so bad input leaves the store as it was.
+    """
+    store = Store(store_root)
+    if sae.startswith("sae-") and not Path(sae).exists():
+        sae_id = store.manifest("sae", sae).id
+        return load(store.sae_dir(sae_id)), sae_id
+    return load(sae), None
+
+
+def stored_sae_id(store_root: str, sae: str, model: SAE, known_id: str | None) -> str:
+    """The store id of an SAE opened with `open_sae`, importing the checkpoint now if it came from a path."""
+    return known_id or publish_sae(store_root, model, source=str(Path(sae).resolve())).id

@@ -18,6 +18,7 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
+from flows.harvest import harvest_model_label
 from schemas.errors import UserError
 from schemas.manifest import Manifest
 from schemas.train_run import TrainRun
@@ -124,7 +125,7 @@ def train_sae(store_root: str, run: TrainRun, progress: bool = True) -> Manifest
                     write_checkpoint(directory, trainer, reader, log)
             bar.close()
             train_seconds = time.perf_counter() - start
-            sae = trainer.export(hook_name=run.site, model_name=str(harvest.config["model"]["name"]),
+            sae = trainer.export(hook_name=run.site, model_name=harvest_model_label(harvest),
                                  metadata={"sae_id": sae_id, "harvest_id": run.harvest_id})
             evaluation = evaluate(sae, _limited(shards("holdout", 0), run.eval_tokens))
             save(sae, directory)

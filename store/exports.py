@@ -140,7 +140,7 @@ def export_activations(
     attrs = array.attrs
     start, stop = _check_rows(rows, attrs.n_tokens, f"{harvest_id}/{site}")
     _check_token_options(split, token_columns)
-    predicate = _predicate(split, where)
+    predicate = token_predicate(split, where)
     tokens = None
     if predicate is not None or token_columns:
         store.manifest("corpus", attrs.corpus_id)
@@ -192,7 +192,7 @@ def export_features(
     value_dtype = _feature_value_dtype(parts[0])
     start, stop = _check_rows(rows, None, str(table_dir)) if rows is not None else (0, None)
     _check_token_options(split, token_columns)
-    predicate = _predicate(split, where)
+    predicate = token_predicate(split, where)
     tokens = None
     if predicate is not None or token_columns:
         if order != "token":
@@ -277,7 +277,7 @@ def _check_token_options(split: str | None, token_columns: Sequence[str]) -> Non
         raise UserError(f"token columns {list(token_columns)} must be distinct names from {', '.join(TOKEN_COLUMNS)}")
 
 
-def _predicate(split: str | None, where: pl.Expr | str | None) -> pl.Expr | None:
+def token_predicate(split: str | None, where: pl.Expr | str | None) -> pl.Expr | None:
     """The row filter on the token table: split and where together (None keeps every row)."""
     if isinstance(where, str):
         try:

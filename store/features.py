@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from schemas.attribution import ATTRIBUTION_DIR
 from schemas.errors import UserError
 from schemas.features import (
     BY_FEATURE_DIR,
@@ -338,7 +339,9 @@ class FeatureWriter:
         if self.index is None:
             chunks, totals = self._complete_chunks(n_chunks)
             for stale in self.dir.rglob(f"*{TMP_MARK}*"):
-                stale.unlink(missing_ok=True)
+                # only this writer's leftovers: the attribution tables live in their own staged sub-directory
+                if stale.is_file() and not stale.relative_to(self.dir).parts[0].startswith(ATTRIBUTION_DIR):
+                    stale.unlink(missing_ok=True)
             by_feature = self._write_by_feature(chunks, totals)
             by_token = self._write_by_token(chunks)
             for sub, parts in ((BY_FEATURE_DIR, by_feature), (BY_TOKEN_DIR, by_token)):

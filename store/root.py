@@ -7,13 +7,16 @@ from typing import NamedTuple
 import polars as pl
 
 from schemas.errors import UserError
+from schemas.eval_tables import EVAL_SUMMARY_SCHEMA, TRANSFER_SUMMARY_SCHEMA
 from schemas.manifest import MANIFEST_NAME, Manifest
 from store.activations import ActivationArray, open_activation
+from store.evals import scan_results
 from store.feature_queries import Decode, Encode, FeatureQueries
 from store.objects import TMP_MARK, read_manifest
 
 DEFAULT_ROOT = "./actstore-data"
-KIND_DIRS = {"corpus": "corpora", "harvest": "activations", "sae": "saes"}
+KIND_DIRS = {"corpus": "corpora", "harvest": "activations", "sae": "saes", "eval": "evals",
+             "transfer": "transfers", "forecast": "forecasts", "direction": "directions"}
 
 
 class Listing(NamedTuple):
@@ -47,6 +50,18 @@ class Store:
 
     def features_dir(self, sae_id: str, harvest_id: str) -> Path:
         return self.root / "features" / sae_id / harvest_id
+
+    def eval_dir(self, eval_id: str) -> Path:
+        return self.object_dir("eval", eval_id)
+
+    def direction_dir(self, direction_id: str) -> Path:
+        return self.object_dir("direction", direction_id)
+
+    def transfer_dir(self, transfer_id: str) -> Path:
+        return self.object_dir("transfer", transfer_id)
+
+    def forecast_dir(self, forecast_id: str) -> Path:
+        return self.object_dir("forecast", forecast_id)
 
     def manifest(self, kind: str, object_id: str) -> Manifest:
         """The manifest of a finished object; a missing or incomplete one is a clear error."""
@@ -84,6 +99,34 @@ class Store:
             raise UserError(f"features of {sae_id} on {harvest_id} {state} (actstore encode)")
         return FeatureQueries(directory, self.tokens(harvest.extra["corpus_id"]), decode, encode)
 
+    def evals(self) -> pl.LazyFrame:
+        """One summary row per finished evaluation (ids of the SAE, harvest and site, and every metric)."""
+        return scan_results(self.root / KIND_DIRS["eval"], "summary.parquet", EVAL_SUMMARY_SCHEMA)
+
+    def eval_table(self, eval_id: str, table: str) -> pl.LazyFrame:
+        """`summary`, `per_token`, `per_feature` or `density_histogram` of one finished evaluation."""
+        return self._result_table("eval", eval_id, table)
+
+    def transfers(self) -> pl.LazyFrame:
+        """One row per site of every finished transfer analysis: global mean cosine and distance."""
+        return scan_results(self.root / KIND_DIRS["transfer"], "summary.parquet", TRANSFER_SUMMARY_SCHEMA)
+
+    def transfer_table(self, transfer_id: str, table: str) -> pl.LazyFrame:
+        """`summary`, `per_token`, `per_position`, `histograms`, `sae_transfer` or `feature_transfer`."""
+        return self._result_table("transfer", transfer_id, table)
+
+    def forecast_table(self, forecast_id: str, table: str) -> pl.LazyFrame:
+        """`runs`, `positions`, `saes`, `fits` or `forecasts` of one finished forecast."""
+        return self._result_table("forecast", forecast_id, table)
+
+    def _result_table(self, kind: str, object_id: str, table: str) -> pl.LazyFrame:
+        self.manifest(kind, object_id)
+        path = self.object_dir(kind, object_id) / f"{table}.parquet"
+        if not path.is_file():
+            names = sorted(p.stem for p in path.parent.glob("*.parquet"))
+            raise UserError(f"{kind} {object_id} has no table {table!r}: choose one of {', '.join(names)}")
+        return pl.scan_parquet(path)
+
     def ls(self) -> list[Listing]:
         """Every object under the root, finished or not (temp directories of live ingests excluded)."""
         found: list[Listing] = []
@@ -110,7 +153,8 @@ class Store:
 
 
 _MAKER = {"corpus": "ingest", "harvest": "harvest", "sae": "train` or `actstore encode --sae PATH",
-          "features": "encode"}
+          "features": "encode", "eval": "eval", "transfer": "transfer", "forecast": "forecast",
+          "direction": "direction"}
 
 
 def open_store(root: str | Path = DEFAULT_ROOT) -> Store:

