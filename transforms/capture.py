@@ -4,16 +4,15 @@ Without loss the forward stops as soon as the last requested site has been recor
 raised from the hook and caught here, so the layers after it never run. With loss the forward runs fully.
 """
 
-from functools import partial
-from types import TracebackType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from transforms.sites import SiteSpec, decoder_layers, first_tensor
+from transforms.hooks import RecordingHooks
+from transforms.sites import SiteSpec, decoder_layers
 
 LOSS_CHUNK_ELEMENTS = 1 << 24
 """Logits elements turned into float32 at a time by the loss (64 MiB), so memory stays bounded for big batches
@@ -35,7 +34,7 @@ class _StopForward(Exception):
     """Raised from a hook once every site is recorded, to end the forward pass early."""
 
 
-class Capture:
+class Capture(RecordingHooks):
     """Hooks registered once on a model; call with token ids to get that batch's activations.
 
     Hooks record only while a call is in progress, so other forwards of the same model are unaffected.
@@ -48,17 +47,8 @@ class Capture:
         self.specs = list(specs)
         self.loss = loss
         self._recorded: dict[str, torch.Tensor] = {}
-        self._active = False
         self._shape = (0, 0)
-        modules = dict(model.named_modules())
-        self._handles = []
-        for spec in self.specs:
-            module = modules[spec.module]
-            if spec.io == "input":
-                handle = module.register_forward_pre_hook(partial(self._on_input, spec), with_kwargs=True)
-            else:
-                handle = module.register_forward_hook(partial(self._on_output, spec))
-            self._handles.append(handle)
+        self._register(model, self.specs)
 
     def __call__(self, input_ids: torch.Tensor) -> CaptureResult:
         """Run one batch `[B, T]` of token ids; activations of every site and, if requested, the loss."""
@@ -85,28 +75,6 @@ class Capture:
         acts = {spec.name: self._recorded[spec.name].cpu() for spec in self.specs}
         self._recorded = {}
         return CaptureResult(acts, loss)
-
-    def close(self) -> None:
-        """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> "Capture":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def _on_input(self, spec: SiteSpec, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._active:
-            # HF passes the hidden states positionally in most families, by keyword in some.
-            self._record(spec, args[0] if args else kwargs["hidden_states"])
-
-    def _on_output(self, spec: SiteSpec, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-        if self._active:
-            self._record(spec, first_tensor(output))
 
     def _record(self, spec: SiteSpec, value: torch.Tensor | None) -> None:
         if value is None or tuple(value.shape) != (*self._shape, spec.d):

@@ -10,9 +10,7 @@ Only the sites' activations need a gradient, not the weights: the model's parame
 weight gradient is ever computed or stored.
 """
 
-from functools import partial
-from types import TracebackType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +18,8 @@ from torch import Tensor, nn
 from schemas.errors import UserError
 from schemas.harvest import GradientMetric
 from transforms.capture import per_token_loss
-from transforms.sites import SiteSpec, first_tensor
+from transforms.hooks import RecordingHooks
+from transforms.sites import SiteSpec
 
 
 class GradientResult(NamedTuple):
@@ -45,7 +44,7 @@ def check_logit_diff_tokens(model: nn.Module, tokens: tuple[int, int]) -> None:
                         f"pass ids in 0..{vocab - 1}")
 
 
-class GradientCapture:
+class GradientCapture(RecordingHooks):
     """Hooks registered once on a model; call with token ids to get that batch's activations and gradients.
 
     Hooks record only while a call is in progress, so other forwards of the same model are unaffected."""
@@ -63,16 +62,7 @@ class GradientCapture:
         self.metric = metric
         self.logit_diff_tokens = logit_diff_tokens
         self._recorded: dict[str, Tensor] = {}
-        self._active = False
-        modules = dict(model.named_modules())
-        self._handles = []
-        for spec in self.specs:
-            module = modules[spec.module]
-            if spec.io == "input":
-                handle = module.register_forward_pre_hook(partial(self._on_input, spec), with_kwargs=True)
-            else:
-                handle = module.register_forward_hook(partial(self._on_output, spec))
-            self._handles.append(handle)
+        self._register(model, self.specs)
 
     def __call__(self, input_ids: Tensor) -> GradientResult:
         """Run one batch `[B, T]` of token ids forward and backward."""
@@ -106,28 +96,6 @@ class GradientCapture:
     def _logit_diff(self, logits: Tensor) -> Tensor:
         a, b = self.logit_diff_tokens  # type: ignore[misc]
         return (logits[..., a].float() - logits[..., b].float()).reshape(-1)
-
-    def close(self) -> None:
-        """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> "GradientCapture":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def _on_input(self, spec: SiteSpec, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._active:
-            # HF passes the hidden states positionally in most families, by keyword in some.
-            self._record(spec, args[0] if args else kwargs["hidden_states"])
-
-    def _on_output(self, spec: SiteSpec, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-        if self._active:
-            self._record(spec, first_tensor(output))
 
     def _record(self, spec: SiteSpec, value: Tensor | None) -> None:
         if value is None or value.ndim != 3 or value.shape[-1] != spec.d:

@@ -8,8 +8,6 @@ one spliced forward per variant, next-token cross entropy and KL(clean || varian
 """
 
 from collections.abc import Callable
-from functools import partial
-from types import TracebackType
 from typing import Any, NamedTuple
 
 import torch
@@ -18,6 +16,7 @@ from torch import Tensor, nn
 
 from schemas.errors import UserError
 from transforms.capture import LOSS_CHUNK_ELEMENTS
+from transforms.hooks import SiteHooks
 from transforms.sae import SAE
 from transforms.sae_init import check_width
 from transforms.sites import SiteSpec, first_tensor
@@ -29,7 +28,7 @@ CLEAN = "clean"
 """Key of the unmodified forward in `downstream`'s result."""
 
 
-class Splice:
+class Splice(SiteHooks):
     """Hooks on one or more sites that replace their activations while replacements are set.
 
     Use as a context manager so the hooks are removed. `calls[name]` counts how often the site ran since the
@@ -43,15 +42,7 @@ class Splice:
         self.calls = dict.fromkeys(self.specs, 0)
         self._replacements: dict[str, Replacement] = {}
         self._keep: Tensor | None = None
-        modules = dict(model.named_modules())
-        self._handles = []
-        for spec in specs:
-            module = modules[spec.module]
-            if spec.io == "input":
-                handle = module.register_forward_pre_hook(partial(self._on_input, spec), with_kwargs=True)
-            else:
-                handle = module.register_forward_hook(partial(self._on_output, spec))
-            self._handles.append(handle)
+        self._register(model, list(specs))
 
     def set(self, replacements: dict[str, Replacement | None], keep: Tensor | None = None) -> None:
         """Apply `replacements[site]` to that site's activation in the following forwards (None or absent:
@@ -67,19 +58,6 @@ class Splice:
         self._replacements = {name: fn for name, fn in replacements.items() if fn is not None}
         self._keep = keep
         self.calls = dict.fromkeys(self.specs, 0)
-
-    def close(self) -> None:
-        """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> "Splice":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def _on_input(self, spec: SiteSpec, _module: nn.Module, args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
