@@ -20,7 +20,7 @@ from prefect import flow, task
 from tqdm.auto import tqdm
 
 from flows.harvest import cached_model, harvest_model, harvest_model_label
-from flows.saes import open_sae, stored_sae_id
+from flows.saes import open_sae, sae_on_site, stored_sae_id
 from schemas.attribution import (
     ATTRIBUTION_DIR,
     LOGIT_WEIGHTS_NAME,
@@ -43,7 +43,7 @@ from store.root import Store
 from transforms.attribution import attribute_batch, unit_directions
 from transforms.logit_weights import top_tokens, unembedding
 from transforms.models import load_tokenizer, pick_device
-from transforms.sae import SAE, check_compatible, load
+from transforms.sae import SAE, check_compatible
 
 TERMS = ("feature", "bias", "error", "total")
 """The parts of x.g that the per-token table holds and the manifest sums."""
@@ -198,13 +198,11 @@ def write_logit_weights(tmp: Path, harvest: Manifest, sae: SAE, k: int, device: 
 def attribute_features(store_root: str, config: AttributeConfig, runtime: AttributeRuntime) -> Manifest:
     """Compute and publish one attribution."""
     store = Store(store_root)
-    harvest = store.manifest("harvest", config.harvest_id)
-    acts = store.activations(config.harvest_id, config.site)
+    device = pick_device(runtime.device)
+    harvest, acts, sae = sae_on_site(store, config.sae_id, config.harvest_id, config.site, device,
+                                     runtime.allow_mismatch)
     grads = store.activations(config.harvest_id, gradient_array(config.site))
     loss = store.activations(config.harvest_id, LOSS_SITE)
-    device = pick_device(runtime.device)
-    sae = load(store.sae_dir(config.sae_id), device=device)
-    check_compatible(sae, acts.attrs.d, config.site, harvest_model_label(harvest), runtime.allow_mismatch)
     directory = attribution_dir(store, config.sae_id, config.harvest_id)
     start = time.perf_counter()
     try:

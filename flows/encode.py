@@ -16,7 +16,7 @@ from prefect import flow, task
 from tqdm.auto import tqdm
 
 from flows.harvest import activation_sites, harvest_model_label
-from flows.saes import open_sae, stored_sae_id
+from flows.saes import open_sae, sae_on_site, stored_sae_id
 from flows.writer_thread import BackgroundWriter
 from schemas.encode import EncodeConfig, EncodeRuntime
 from schemas.errors import UserError
@@ -26,7 +26,7 @@ from store.features import FeatureWriter, read_index
 from store.objects import code_version, explain_os_error, read_manifest, utc_now, write_manifest
 from store.root import Store
 from transforms.models import pick_device
-from transforms.sae import SAE, check_compatible, load
+from transforms.sae import SAE, check_compatible
 
 
 def sparse_chunk(sae: SAE, x: torch.Tensor, first_tok: int, batch_tokens: int) -> tuple[np.ndarray, ...]:
@@ -59,11 +59,8 @@ def resolve_site(store: Store, harvest_id: str, site: str | None, sae: SAE) -> s
 def encode_chunks(store_root: str, config: EncodeConfig, runtime: EncodeRuntime) -> dict[str, Any]:
     """Encode every chunk not yet stored; returns this run's timing figures."""
     store = Store(store_root)
-    harvest = store.manifest("harvest", config.harvest_id)
-    acts = store.activations(config.harvest_id, config.site)
     device = pick_device(runtime.device)
-    sae = load(store.sae_dir(config.sae_id), device=device)
-    check_compatible(sae, acts.attrs.d, config.site, harvest_model_label(harvest), runtime.allow_mismatch)
+    _, acts, sae = sae_on_site(store, config.sae_id, config.harvest_id, config.site, device, runtime.allow_mismatch)
     directory = store.features_dir(config.sae_id, config.harvest_id)
     n_chunks = -(-len(acts) // acts.chunk_tokens)
     start = time.perf_counter()

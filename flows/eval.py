@@ -19,7 +19,8 @@ from prefect import flow, task
 from tqdm.auto import tqdm
 
 from flows.directions import intervention_replacements
-from flows.harvest import cached_model, harvest_model, harvest_model_label
+from flows.harvest import cached_model, harvest_model
+from flows.saes import sae_on_site
 from schemas.directions import Intervention
 from schemas.errors import UserError
 from schemas.eval import EvalConfig, EvalRuntime
@@ -36,7 +37,7 @@ from store.objects import code_version, explain_os_error, read_manifest, staged_
 from store.root import Store
 from store.tokens import read_windows
 from transforms.models import pick_device
-from transforms.sae import SAE, check_compatible, load
+from transforms.sae import SAE
 from transforms.sae_eval import ReconstructionStats, density_histogram
 from transforms.sites import resolve_sites
 from transforms.splice import Splice, ce_recovered, downstream, mean_replacement, sae_replacement, zero_replacement
@@ -267,11 +268,8 @@ def summarize(config: EvalConfig, stats: ReconstructionStats, d_sae: int, exclud
 def evaluate_sae(store_root: str, config: EvalConfig, runtime: EvalRuntime) -> Manifest:
     """Compute and publish one evaluation; bad input fails before anything is written."""
     store = Store(store_root)
-    harvest = store.manifest("harvest", config.harvest_id)
-    acts = store.activations(config.harvest_id, config.site)
-    device = pick_device(runtime.device)
-    sae = load(store.sae_dir(config.sae_id), device=device)
-    check_compatible(sae, acts.attrs.d, config.site, harvest_model_label(harvest), runtime.allow_mismatch)
+    harvest, acts, sae = sae_on_site(store, config.sae_id, config.harvest_id, config.site,
+                                     pick_device(runtime.device), runtime.allow_mismatch)
     downstream_possible = config.ce_tokens > 0 and not harvest.extra.get("synthetic", False)
     picker = TokenPicker(store, harvest.extra["corpus_id"], config, len(acts))
     if config.outlier_factor is not None:

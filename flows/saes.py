@@ -7,12 +7,16 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch
+
+from flows.harvest import harvest_model_label
 from schemas.ids import make_id, slug
 from schemas.manifest import Manifest
 from schemas.sae import SAELENS_CFG, SAELENS_WEIGHTS
+from store.activations import ActivationArray
 from store.objects import TMP_MARK, code_version, explain_os_error, fsync_path, read_manifest, utc_now, write_manifest
 from store.root import Store
-from transforms.sae import SAE, load, save
+from transforms.sae import SAE, check_compatible, load, save
 
 
 def sae_readable(sae: SAE) -> str:
@@ -71,3 +75,14 @@ def open_sae(store_root: str, sae: str) -> tuple[SAE, str | None]:
 def stored_sae_id(store_root: str, sae: str, model: SAE, known_id: str | None) -> str:
     """The store id of an SAE opened with `open_sae`, importing the checkpoint now if it came from a path."""
     return known_id or publish_sae(store_root, model, source=str(Path(sae).resolve())).id
+
+
+def sae_on_site(store: Store, sae_id: str, harvest_id: str, site: str, device: torch.device,
+                allow_mismatch: bool) -> tuple[Manifest, ActivationArray, SAE]:
+    """A stored SAE on `device` and the harvest site it will read, checked to fit (width, and model and hook
+    unless `allow_mismatch`) before any work starts: the harvest manifest, the site's array and the SAE."""
+    harvest = store.manifest("harvest", harvest_id)
+    acts = store.activations(harvest_id, site)
+    sae = load(store.sae_dir(sae_id), device=device)
+    check_compatible(sae, acts.attrs.d, site, harvest_model_label(harvest), allow_mismatch)
+    return harvest, acts, sae
