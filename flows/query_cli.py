@@ -35,6 +35,9 @@ def open_queries(a: argparse.Namespace) -> FeatureQueries:
 
     store = Store(a.store)
     harvest = store.manifest("harvest", a.harvest)
+    if harvest.extra.get("synthetic"):
+        # synthetic rows stand for no text: contexts show one mark per row, the activating row in «»
+        return store.features(a.sae, a.harvest, decode=lambda ids: "·" * len(ids))
     tokenizer = load_tokenizer(ModelConfig.model_validate(harvest.config["model"]))
     return store.features(a.sae, a.harvest, decode=lambda ids: tokenizer.decode(list(ids)),
                           encode=lambda text: tokenizer.encode(text, add_special_tokens=False))

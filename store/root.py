@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import polars as pl
 
+from schemas.attribution import ATTRIBUTION_DIR
 from schemas.errors import UserError
 from schemas.eval_tables import EVAL_SUMMARY_SCHEMA, TRANSFER_SUMMARY_SCHEMA
 from schemas.manifest import MANIFEST_NAME, Manifest
@@ -144,10 +145,17 @@ class Store:
                 else:
                     found.append(Listing(kind, directory.name, False, {}, ""))
         for directory in sorted((self.root / "features").glob("*/*")):
-            if directory.is_dir() and TMP_MARK not in directory.name:
-                manifest = read_manifest(directory)
-                object_id = f"{directory.parent.name}/{directory.name}"
-                found.append(Listing("features", object_id, manifest is not None,
+            if not directory.is_dir() or TMP_MARK in directory.name:
+                continue
+            object_id = f"{directory.parent.name}/{directory.name}"
+            # an attribution lives in its own sub-directory and may exist without an encode of the same pair
+            parts = [(kind, path) for kind, path in (("features", directory),
+                                                     ("attribution", directory / ATTRIBUTION_DIR)) if path.is_dir()]
+            if not any(p.name != ATTRIBUTION_DIR and TMP_MARK not in p.name for p in directory.iterdir()):
+                parts = parts[1:]
+            for kind, path in parts:
+                manifest = read_manifest(path)
+                found.append(Listing(kind, object_id, manifest is not None,
                                      manifest.counts if manifest else {}, manifest.created if manifest else ""))
         return found
 

@@ -203,6 +203,9 @@ def test_error_node_per_token_and_per_feature_tables(world: dict[str, Any]) -> N
         x_hat = load(world["saes"]["rescaled"])(torch.as_tensor(x, dtype=torch.float32)).numpy().astype(np.float64)
     per_token = pl.read_parquet(directory / PER_TOKEN_NAME)
     assert per_token["tok"].to_list() == list(range(len(x)))
+    # `ls` lists the attribution as complete, and no half-made feature store beside it
+    listed = [(e.kind, e.complete) for e in store.ls() if e.id == manifest.id]
+    assert listed == [("attribution", True)], listed
     tol = 1e-5 * float(np.abs(x * g).sum(axis=1).max())
     np.testing.assert_allclose(per_token["error_attribution"], ((x - x_hat) * g).sum(axis=1), rtol=1e-4, atol=tol)
     np.testing.assert_allclose(per_token["total_attribution"], (x * g).sum(axis=1), rtol=1e-4, atol=tol)

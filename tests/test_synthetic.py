@@ -228,3 +228,13 @@ def test_train_and_encode_run_on_a_synthetic_harvest(root: Path, mixture: str) -
     latent = by_token["feature"].to_numpy()
     purity = sum(np.bincount(component[latent == f]).max() for f in np.unique(latent)) / len(latent)
     assert purity > 0.95
+
+    # the query command reads a synthetic feature store without a tokenizer
+    from tests.helpers import cli
+
+    feature = int(np.bincount(latent).argmax())
+    result = cli("query", "--store", str(root), "--sae", sae.id, "--harvest", mixture, "--json", "top", str(feature))
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    expected = pre[latent_rows := np.flatnonzero(top == feature), feature].max()
+    assert rows and rows[0]["context_text"].count("«") == 1 and len(latent_rows) > 0
+    assert rows[0]["value"] == pytest.approx(expected, rel=2e-2)
