@@ -38,7 +38,14 @@ from schemas.manifest import Manifest
 from store.activations import LOSS_SITE, ActivationArray, chunk_rows
 from store.evals import TableAppender, write_table
 from store.features import FeatureWriter, read_index
-from store.objects import code_version, explain_os_error, read_manifest, staged_directory, utc_now, write_manifest
+from store.objects import (
+    code_version,
+    published_manifest,
+    read_manifest,
+    staged_object,
+    utc_now,
+    write_manifest,
+)
 from store.root import Store
 from transforms.attribution import attribute_batch, unit_directions
 from transforms.logit_weights import top_tokens, unembedding
@@ -205,29 +212,23 @@ def attribute_features(store_root: str, config: AttributeConfig, runtime: Attrib
     loss = store.activations(config.harvest_id, LOSS_SITE)
     directory = attribution_dir(store, config.sae_id, config.harvest_id)
     start = time.perf_counter()
-    try:
-        with staged_directory(directory) as tmp:
-            sums = attribution_pass(acts, grads, loss, sae, tmp, config, runtime)
-            pass_seconds = time.perf_counter() - start
-            write_per_feature(tmp, config.top_k)
-            has_logit_weights = write_logit_weights(tmp, harvest, sae, config.logit_k, device)
-            index = read_index(tmp)
-            assert index is not None
-            timings = {"attribution_seconds": round(pass_seconds, 3),
-                       "total_seconds": round(time.perf_counter() - start, 3),
-                       "tokens_per_s": round(len(acts) / pass_seconds, 1) if pass_seconds else 0.0}
-            write_manifest(tmp, Manifest(
-                kind="attribution", id=f"{config.sae_id}/{config.harvest_id}", config=config.model_dump(mode="json"),
-                code_version=code_version(), created=utc_now(),
-                counts={"n_tokens": len(acts), "nnz": index.nnz, "alive": index.alive, "d_sae": sae.d_sae},
-                timings=timings, extra={"site": config.site, "metric": config.metric, **sums,
-                                        "logit_weights": has_logit_weights, "device": str(device)}))
-    except OSError as exc:
-        raise explain_os_error(exc, directory) from exc
-    manifest = read_manifest(directory)
-    if manifest is None:
-        raise UserError(f"attribution of {config.sae_id} on {config.harvest_id} was not published: re-run the command")
-    return manifest
+    with staged_object(directory) as tmp:
+        sums = attribution_pass(acts, grads, loss, sae, tmp, config, runtime)
+        pass_seconds = time.perf_counter() - start
+        write_per_feature(tmp, config.top_k)
+        has_logit_weights = write_logit_weights(tmp, harvest, sae, config.logit_k, device)
+        index = read_index(tmp)
+        assert index is not None
+        timings = {"attribution_seconds": round(pass_seconds, 3),
+                   "total_seconds": round(time.perf_counter() - start, 3),
+                   "tokens_per_s": round(len(acts) / pass_seconds, 1) if pass_seconds else 0.0}
+        write_manifest(tmp, Manifest(
+            kind="attribution", id=f"{config.sae_id}/{config.harvest_id}", config=config.model_dump(mode="json"),
+            code_version=code_version(), created=utc_now(),
+            counts={"n_tokens": len(acts), "nnz": index.nnz, "alive": index.alive, "d_sae": sae.d_sae},
+            timings=timings, extra={"site": config.site, "metric": config.metric, **sums,
+                                    "logit_weights": has_logit_weights, "device": str(device)}))
+    return published_manifest(directory, f"attribution of {config.sae_id} on {config.harvest_id}")
 
 
 @flow(name="attribute")

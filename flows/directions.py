@@ -18,7 +18,13 @@ from schemas.errors import UserError
 from schemas.manifest import Manifest
 from store.activations import chunk_rows
 from store.exports import token_predicate
-from store.objects import code_version, explain_os_error, read_manifest, staged_directory, utc_now, write_manifest
+from store.objects import (
+    code_version,
+    read_manifest,
+    staged_object,
+    utc_now,
+    write_manifest,
+)
 from store.root import Store
 from transforms.directions import DiffInMeans, activation_addition, directional_ablation
 from transforms.splice import Replacement
@@ -70,16 +76,13 @@ def direction(store_root: str, config: DirectionConfig) -> Manifest:
     if existing is not None:
         return existing
     found = average(store_root, config)
-    try:
-        with staged_directory(directory) as tmp:
-            save_file({k: v.to(torch.float32).contiguous() for k, v in found.items() if k != "counts"},
-                      str(tmp / DIRECTION_FILE))
-            write_manifest(tmp, Manifest(
-                kind="direction", id=config.direction_id(), config=config.model_dump(mode="json"),
-                code_version=code_version(), created=utc_now(), counts=found["counts"],
-                extra={"norm": float(found["direction"].norm()), "d": int(found["direction"].numel())}))
-    except OSError as exc:
-        raise explain_os_error(exc, directory) from exc
+    with staged_object(directory) as tmp:
+        save_file({k: v.to(torch.float32).contiguous() for k, v in found.items() if k != "counts"},
+                  str(tmp / DIRECTION_FILE))
+        write_manifest(tmp, Manifest(
+            kind="direction", id=config.direction_id(), config=config.model_dump(mode="json"),
+            code_version=code_version(), created=utc_now(), counts=found["counts"],
+            extra={"norm": float(found["direction"].norm()), "d": int(found["direction"].numel())}))
     return store.manifest("direction", config.direction_id())
 
 

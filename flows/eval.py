@@ -33,7 +33,14 @@ from schemas.eval_tables import (
 from schemas.manifest import Manifest
 from store.activations import ActivationArray, chunk_rows
 from store.evals import TableAppender, write_table
-from store.objects import code_version, explain_os_error, read_manifest, staged_directory, utc_now, write_manifest
+from store.objects import (
+    code_version,
+    published_manifest,
+    read_manifest,
+    staged_object,
+    utc_now,
+    write_manifest,
+)
 from store.root import Store
 from store.tokens import read_windows
 from transforms.models import pick_device
@@ -276,23 +283,17 @@ def evaluate_sae(store_root: str, config: EvalConfig, runtime: EvalRuntime) -> M
         picker.norm_threshold = _outlier_threshold(acts, picker, config.outlier_factor)
     start = time.perf_counter()
     directory = store.eval_dir(config.eval_id())
-    try:
-        with staged_directory(directory) as tmp:
-            stats, mean, excluded = reconstruction_pass(acts, sae, picker, runtime, tmp / RECON_PART)
-            recon_seconds = time.perf_counter() - start
-            ce = None
-            if downstream_possible:
-                downstream_pass(store, harvest, acts, sae, config, runtime, picker, mean, tmp / CE_PART)
-                ce = pl.read_parquet(tmp / CE_PART)
-            _publish(tmp, config, stats, sae.d_sae, excluded, ce, picker.norm_threshold,
-                     {"reconstruction_seconds": round(recon_seconds, 3),
-                      "total_seconds": round(time.perf_counter() - start, 3)})
-    except OSError as exc:
-        raise explain_os_error(exc, directory) from exc
-    manifest = read_manifest(directory)
-    if manifest is None:
-        raise UserError(f"evaluation {config.eval_id()} was not published: re-run the command")
-    return manifest
+    with staged_object(directory) as tmp:
+        stats, mean, excluded = reconstruction_pass(acts, sae, picker, runtime, tmp / RECON_PART)
+        recon_seconds = time.perf_counter() - start
+        ce = None
+        if downstream_possible:
+            downstream_pass(store, harvest, acts, sae, config, runtime, picker, mean, tmp / CE_PART)
+            ce = pl.read_parquet(tmp / CE_PART)
+        _publish(tmp, config, stats, sae.d_sae, excluded, ce, picker.norm_threshold,
+                 {"reconstruction_seconds": round(recon_seconds, 3),
+                  "total_seconds": round(time.perf_counter() - start, 3)})
+    return published_manifest(directory, f"evaluation {config.eval_id()}")
 
 
 def _publish(tmp: Path, config: EvalConfig, stats: ReconstructionStats, d_sae: int, excluded: int,

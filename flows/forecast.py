@@ -23,7 +23,14 @@ from schemas.forecast_tables import POSITIONS_SCHEMA, RUNS_SCHEMA, SAES_SCHEMA, 
 from schemas.manifest import Manifest
 from store.activations import LOSS_SITE
 from store.evals import write_table
-from store.objects import code_version, explain_os_error, read_manifest, staged_directory, utc_now, write_manifest
+from store.objects import (
+    code_version,
+    published_manifest,
+    read_manifest,
+    staged_object,
+    utc_now,
+    write_manifest,
+)
 from store.root import Store
 from transforms.scaling import FitBootstrap, bootstrap_fit, reducible_loss
 from transforms.scaling import forecast as predict
@@ -252,17 +259,11 @@ def publish_forecast(store_root: str, config: ForecastConfig, tables: dict[str, 
         created=utc_now(), counts={**{name: len(rows) for name, rows in tables.items()},
                                    "laws_fitted": len(fitted), "laws_skipped": len(laws) - len(fitted)},
         timings=timings, extra={"laws": laws, "notes": notes})
-    try:
-        with staged_directory(directory) as tmp:
-            for name, schema in TABLES.items():
-                write_table(tmp / f"{name}.parquet", tables[name], schema)
-            write_manifest(tmp, manifest)
-    except OSError as exc:
-        raise explain_os_error(exc, directory) from exc
-    published = read_manifest(directory)
-    if published is None:
-        raise UserError(f"forecast {forecast_id} was not published: re-run the command")
-    return published
+    with staged_object(directory) as tmp:
+        for name, schema in TABLES.items():
+            write_table(tmp / f"{name}.parquet", tables[name], schema)
+        write_manifest(tmp, manifest)
+    return published_manifest(directory, f"forecast {forecast_id}")
 
 
 @flow(name="forecast")

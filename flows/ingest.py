@@ -10,7 +10,13 @@ from prefect import flow, task
 from schemas.corpus import CorpusConfig
 from schemas.ids import make_id
 from schemas.manifest import Manifest
-from store.objects import code_version, explain_os_error, read_manifest, staged_directory, utc_now, write_manifest
+from store.objects import (
+    code_version,
+    read_manifest,
+    staged_object,
+    utc_now,
+    write_manifest,
+)
 from store.root import Store
 from store.sources import iter_documents
 from store.tokens import scan_tokens, write_token_table
@@ -52,20 +58,17 @@ def ingest_corpus(store_root: str, config: CorpusConfig) -> Manifest:
         return existing
     start = time.perf_counter()
     tokenizer = load_tokenizer(config.tokenizer)
-    try:
-        with staged_directory(final) as staging:
-            batches = pack_documents(iter_documents(config), tokenizer, config)
-            counts = flat_counts(write_token_table(staging, batches))
-            counts["max_token_id"] = int(scan_tokens(staging).select(pl.col("token_id").max()).collect().item())
-            manifest = Manifest(
-                kind="corpus", id=cid, config=corpus_identity(config), code_version=code_version(),
-                created=utc_now(), counts=counts, timings={"seconds": round(time.perf_counter() - start, 3)},
-                extra={"ctx_len": config.ctx_len, "bos_token_id": tokenizer.bos_token_id,
-                       "vocab_size": len(tokenizer)},
-            )
-            write_manifest(staging, manifest)
-    except OSError as exc:
-        raise explain_os_error(exc, final) from exc
+    with staged_object(final) as staging:
+        batches = pack_documents(iter_documents(config), tokenizer, config)
+        counts = flat_counts(write_token_table(staging, batches))
+        counts["max_token_id"] = int(scan_tokens(staging).select(pl.col("token_id").max()).collect().item())
+        manifest = Manifest(
+            kind="corpus", id=cid, config=corpus_identity(config), code_version=code_version(),
+            created=utc_now(), counts=counts, timings={"seconds": round(time.perf_counter() - start, 3)},
+            extra={"ctx_len": config.ctx_len, "bos_token_id": tokenizer.bos_token_id,
+                   "vocab_size": len(tokenizer)},
+        )
+        write_manifest(staging, manifest)
     return manifest
 
 

@@ -33,7 +33,7 @@ from store.objects import (
     object_lock,
     read_manifest,
     remove_temp_files,
-    staged_directory,
+    staged_object,
     utc_now,
     write_manifest,
 )
@@ -80,18 +80,15 @@ def synthetic_corpus(store_root: str, config: SyntheticConfig) -> Manifest:
     if existing is not None:
         return existing
     start = time.perf_counter()
-    try:
-        with staged_directory(final) as staging:
-            counts = flat_counts(write_token_table(staging, window_batches(config)))
-            counts["max_token_id"] = 0
-            manifest = Manifest(
-                kind="corpus", id=corpus_id, config=config.corpus_identity(), code_version=code_version(),
-                created=utc_now(), counts=counts, timings={"seconds": round(time.perf_counter() - start, 3)},
-                extra={"ctx_len": config.ctx_len, "bos_token_id": None, "vocab_size": 1},
-            )
-            write_manifest(staging, manifest)
-    except OSError as exc:
-        raise explain_os_error(exc, final) from exc
+    with staged_object(final) as staging:
+        counts = flat_counts(write_token_table(staging, window_batches(config)))
+        counts["max_token_id"] = 0
+        manifest = Manifest(
+            kind="corpus", id=corpus_id, config=config.corpus_identity(), code_version=code_version(),
+            created=utc_now(), counts=counts, timings={"seconds": round(time.perf_counter() - start, 3)},
+            extra={"ctx_len": config.ctx_len, "bos_token_id": None, "vocab_size": 1},
+        )
+        write_manifest(staging, manifest)
     return manifest
 
 

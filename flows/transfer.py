@@ -32,7 +32,14 @@ from schemas.manifest import Manifest
 from schemas.transfer import TransferConfig
 from store.activations import chunk_rows
 from store.evals import TableAppender, write_table
-from store.objects import code_version, explain_os_error, read_manifest, staged_directory, utc_now, write_manifest
+from store.objects import (
+    code_version,
+    published_manifest,
+    read_manifest,
+    staged_object,
+    utc_now,
+    write_manifest,
+)
 from store.root import Store
 from transforms.logit_weights import unembedding
 from transforms.models import pick_device
@@ -228,19 +235,13 @@ def transfer(store_root: str, config: TransferConfig, runtime: EvalRuntime | Non
         return existing
     sites = check_pair(store_root, config)
     sae_rows, features = transfer_saes(store_root, config, sites, runtime)
-    try:
-        with staged_directory(directory) as tmp:
-            compared = {site: compare_activations(store_root, config, site, str(tmp / f"per_token-{i}.parquet"),
-                                                  runtime.progress) for i, site in enumerate(sites)}
-            parts = [str(tmp / f"per_token-{i}.parquet") for i in range(len(sites))]
-            pl.scan_parquet(parts).sink_parquet(tmp / PER_TOKEN_PART, compression="zstd")
-            for part in parts:
-                Path(part).unlink()
-            publish_transfer(str(tmp), config, compared, sae_rows, features)
-    except OSError as exc:
-        raise explain_os_error(exc, directory) from exc
-    manifest = read_manifest(directory)
-    if manifest is None:
-        raise UserError(f"transfer {config.transfer_id()} was not published: re-run the command")
-    return manifest
+    with staged_object(directory) as tmp:
+        compared = {site: compare_activations(store_root, config, site, str(tmp / f"per_token-{i}.parquet"),
+                                              runtime.progress) for i, site in enumerate(sites)}
+        parts = [str(tmp / f"per_token-{i}.parquet") for i in range(len(sites))]
+        pl.scan_parquet(parts).sink_parquet(tmp / PER_TOKEN_PART, compression="zstd")
+        for part in parts:
+            Path(part).unlink()
+        publish_transfer(str(tmp), config, compared, sae_rows, features)
+    return published_manifest(directory, f"transfer {config.transfer_id()}")
 

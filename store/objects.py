@@ -118,6 +118,25 @@ def staged_directory(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def staged_object(final: Path) -> Iterator[Path]:
+    """`staged_directory` for a store object: a full disk or an unwritable root while building it becomes the
+    one-line `explain_os_error` naming `final`."""
+    try:
+        with staged_directory(final) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise explain_os_error(exc, final) from exc
+
+
+def published_manifest(directory: Path, what: str) -> Manifest:
+    """The manifest just published at `directory`; its absence (another run removed it) is a clear error."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise UserError(f"{what} was not published: re-run the command")
+    return manifest
+
+
+@contextlib.contextmanager
 def object_lock(directory: Path, wait: bool = False) -> Iterator[None]:
     """An exclusive lock on an object directory, released by the OS even when the holder is SIGKILLed.
 
