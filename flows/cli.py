@@ -1,5 +1,5 @@
-"""The `actstore` command: ingest, harvest, train, encode, query, eval, transfer, attribute,
-direction, forecast, dashboard, synthetic, export, ls, demo.
+"""The `actstore` command: run and serve a pipeline config; ingest, harvest, train, encode, query, eval,
+transfer, attribute, direction, forecast, dashboard, synthetic, export, ls, demo.
 
 Errors users can fix end in one line and exit 2."""
 
@@ -302,6 +302,41 @@ def cmd_ls(a: argparse.Namespace) -> dict[str, Any]:
     return {"objects": [e._asdict() for e in entries]}
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline config file (.yaml / .toml), e.g. infra/pipeline.yaml")
+    p.add_argument("--store", help="store root (default: the config's `store`, relative to the config file)")
+    p.add_argument("--dask", metavar="ADDRESS", help="run shard tasks on this Dask scheduler (tcp://host:8786)")
+    p.add_argument("--workers", type=int, help="run shard tasks on a local Dask cluster of N worker processes")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
+    from flows.pipeline import run_pipeline
+    from flows.pipeline_report import summary_markdown
+    from schemas.pipeline import load_pipeline_config
+
+    summary = run_pipeline(a.config, a.dask, a.workers, a.store)
+    if not a.json:
+        print(summary_markdown(load_pipeline_config(a.config), summary))
+    return summary
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline config file with a `schedule` section")
+    p.add_argument("--database-url", help="Postgres URL for a server started here (default: SQLite in PREFECT_HOME)")
+    p.add_argument("--port", type=int, help="port of a server started here (default: a free one)")
+    p.add_argument("--dask", metavar="ADDRESS", help="each run's shard tasks go to this Dask scheduler")
+    p.add_argument("--workers", type=int, help="each run starts a local Dask cluster of N worker processes")
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_serve(a: argparse.Namespace) -> dict[str, Any]:
+    from flows.serve import serve_pipeline
+
+    serve_pipeline(a.config, a.database_url, a.port, a.dask, a.workers)
+    return {}
+
+
 def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
     from flows.demo import run_demo
 
@@ -342,13 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
                       add_dashboard_args),
         "synthetic": (cmd_synthetic, "write a synthetic activation set (Gaussian mixture, uniform cube) as a harvest",
                       add_synthetic_args),
+        "run": (cmd_run, "run a pipeline config: ingest, harvest, train, encode, eval, dashboard (resumable)",
+                _add_run_args),
+        "serve": (cmd_serve, "serve a pipeline config as a scheduled Prefect deployment", _add_serve_args),
         "ls": (cmd_ls, "list what the store holds", lambda p: None),
         "demo": (cmd_demo, "ingest, harvest, train an SAE, encode: the embedded default model on pydocs",
                  _add_demo_args),
     }
     for name, (fn, help_text, add_args) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_store(p)
+        if name not in ("run", "serve"):  # they take the store from the config file
+            _add_store(p)
         p.set_defaults(fn=fn)
         add_args(p)
     return parser
@@ -360,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("ls", "query", "export"):
             _quiet_prefect_tracebacks()
         summary = args.fn(args)
+        if args.command not in ("run", "serve", "ls", "query", "export"):
+            Store(args.store).push_published()  # object-storage roots: publish what the command finished
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -6,6 +6,7 @@ writer on a background thread (chunks already stored are skipped), `finish_featu
 by_feature / by_token / summary tables and writes the manifest.
 """
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -58,21 +59,38 @@ def resolve_site(store: Store, harvest_id: str, site: str | None, sae: SAE) -> s
 @task(name="encode-chunks")
 def encode_chunks(store_root: str, config: EncodeConfig, runtime: EncodeRuntime) -> dict[str, Any]:
     """Encode every chunk not yet stored; returns this run's timing figures."""
+    return _encode(store_root, config, runtime, None)
+
+
+def encode_shard(store_root: str, config: EncodeConfig, runtime: EncodeRuntime,
+                 chunks: tuple[int, ...]) -> dict[str, Any]:
+    """Encode the chunks of one shard not yet stored (one task of a scaled-out encode; chunk files are
+    written atomically, so disjoint shards run at once and a killed shard is simply re-run)."""
+    return _encode(store_root, config, runtime, chunks)
+
+
+def _encode(store_root: str, config: EncodeConfig, runtime: EncodeRuntime,
+            chunks: tuple[int, ...] | None) -> dict[str, Any]:
     store = Store(store_root)
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
     device = pick_device(runtime.device)
     _, acts, sae = sae_on_site(store, config.sae_id, config.harvest_id, config.site, device, runtime.allow_mismatch)
     directory = store.features_dir(config.sae_id, config.harvest_id)
     n_chunks = -(-len(acts) // acts.chunk_tokens)
+    shard = None if chunks is None else f"{chunks[0]:08d}-{chunks[-1]:08d}"
     start = time.perf_counter()
     encode_seconds = 0.0
     try:
-        with feature_writer(directory, sae.d_sae, len(acts), config) as features:
+        with feature_writer(directory, sae.d_sae, len(acts), config, shard) as features:
             if features.finished:
                 return {"encode_seconds": 0.0, "run_seconds": 0.0, "tokens_this_run": 0}
-            todo = [c for c in range(n_chunks) if not features.has_chunk(c)]
+            todo = [c for c in (range(n_chunks) if chunks is None else chunks) if not features.has_chunk(c)]
             spans = [chunk_rows(c, acts.chunk_tokens, len(acts)) for c in todo]
             tokens = sum(r.stop - r.start for r in spans)
-            bar = tqdm(total=len(acts), initial=len(acts) - tokens, unit="tok",
+            total = len(acts) if chunks is None else sum(
+                r.stop - r.start for r in (chunk_rows(c, acts.chunk_tokens, len(acts)) for c in chunks))
+            bar = tqdm(total=total, initial=total - tokens, unit="tok",
                        unit_scale=True, desc=f"encode {config.sae_id}", disable=not runtime.progress)
 
             def write(item: tuple[int, tuple[np.ndarray, ...]]) -> None:
@@ -95,12 +113,14 @@ def encode_chunks(store_root: str, config: EncodeConfig, runtime: EncodeRuntime)
         raise explain_os_error(exc, directory) from exc
     seconds = time.perf_counter() - start
     return {"encode_seconds": round(encode_seconds, 3), "run_seconds": round(seconds, 3), "tokens_this_run": tokens,
-            "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "device": str(device)}
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "device": str(device),
+            "pid": os.getpid()}
 
 
-def feature_writer(directory: Path, d_sae: int, n_tokens: int, config: EncodeConfig) -> FeatureWriter:
+def feature_writer(directory: Path, d_sae: int, n_tokens: int, config: EncodeConfig,
+                   shard: str | None = None) -> FeatureWriter:
     """The writer of one feature store; the chunk loop and the final sort must open it with the same settings."""
-    return FeatureWriter(directory, d_sae, n_tokens, config.value_dtype, top_k=config.top_k)
+    return FeatureWriter(directory, d_sae, n_tokens, config.value_dtype, top_k=config.top_k, shard=shard)
 
 
 @task(name="finish-features")

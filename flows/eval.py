@@ -275,6 +275,8 @@ def summarize(config: EvalConfig, stats: ReconstructionStats, d_sae: int, exclud
 def evaluate_sae(store_root: str, config: EvalConfig, runtime: EvalRuntime) -> Manifest:
     """Compute and publish one evaluation; bad input fails before anything is written."""
     store = Store(store_root)
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
     harvest, acts, sae = sae_on_site(store, config.sae_id, config.harvest_id, config.site,
                                      pick_device(runtime.device), runtime.allow_mismatch)
     downstream_possible = config.ce_tokens > 0 and not harvest.extra.get("synthetic", False)

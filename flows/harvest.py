@@ -6,6 +6,8 @@ model over every chunk not yet marked done while a writer thread stores the prev
 """
 
 import functools
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,7 +24,7 @@ from schemas.errors import UserError
 from schemas.harvest import DEFAULT_CHUNK_TOKENS, GRADIENT_SUFFIX, HarvestConfig, HarvestRuntime, gradient_array
 from schemas.manifest import Manifest
 from schemas.model import ModelConfig
-from store.activations import LOSS_SITE, ArraySpec, HarvestArrays, disk_bytes, done_chunks
+from store.activations import LOSS_SITE, SHARD_LOCKS, ArraySpec, HarvestArrays, disk_bytes, done_chunks
 from store.objects import (
     code_version,
     explain_os_error,
@@ -98,10 +100,19 @@ def harvest_model_label(harvest: Manifest) -> str:
     return harvest_model(harvest).label()
 
 
+_loads: list[str] = []
+
+
 @functools.lru_cache(maxsize=2)
 def cached_model(config: ModelConfig, device: str) -> torch.nn.Module:
     """One model per process and device: flows and workers load it once, never pass it as an argument."""
+    _loads.append(config.label())
     return load_model(config, torch.device(device))
+
+
+def model_loads() -> int:
+    """Models this process has loaded: a Dask worker running many shards should report 1."""
+    return len(_loads)
 
 
 def check_model_fits(model: torch.nn.Module, plan: HarvestPlan, vocab_needed: int, config: HarvestConfig) -> None:
@@ -137,16 +148,26 @@ def array_specs(plan: HarvestPlan, config: HarvestConfig, sites: list[SiteSpec],
     return specs
 
 
-@task(name="harvest-chunks")
-def harvest_chunks(
-    store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan
-) -> dict[str, Any]:
-    """Run the model over every chunk not yet done; returns timing and size figures of this run.
+class HarvestSetup(NamedTuple):
+    """What every harvest task needs before it touches a chunk: the checked model, its sites and arrays."""
 
-    The model, sites and context length are checked before anything is written, so bad input leaves the
-    store as it was; the object lock then keeps a second run of the same config out.
-    """
-    store = Store(store_root)
+    model: torch.nn.Module
+    sites: list[SiteSpec]
+    specs: list[ArraySpec]
+    targets: list[SiteSpec]
+    """Sites an intervention replaces."""
+    replacements: dict[str, Any]
+    device: torch.device
+    load_seconds: float
+
+
+MODEL_LOCK = threading.Lock()
+"""One forward at a time per process: hooks live on the shared cached model, so two tasks in threads of one
+worker would capture each other's activations."""
+
+
+def setup_harvest(store: Store, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan) -> HarvestSetup:
+    """Load (or reuse) the model and check it against the corpus before anything is written."""
     corpus = store.manifest("corpus", plan.corpus_id)
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
@@ -157,28 +178,88 @@ def harvest_chunks(
     sites = resolve_sites(model, list(config.sites))
     check_model_fits(model, plan, int(corpus.counts.get("max_token_id", -1)) + 1, config)
     specs = array_specs(plan, config, sites, model_dtype_name(model))
-    directory = store.harvest_dir(plan.harvest_id)
     targets = resolve_sites(model, sorted({s for i in config.interventions for s in i.sites}))
     replacements = intervention_replacements(store, config.interventions, {t.name: t.d for t in targets})
+    return HarvestSetup(model, sites, specs, targets, replacements, device, load_seconds)
+
+
+def _arrays_info(specs: list[ArraySpec]) -> dict[str, dict[str, Any]]:
+    return {s.attrs.site: {"d": s.attrs.d, "dtype": s.attrs.logical_dtype, "module": s.attrs.module} for s in specs}
+
+
+def _run_setup(setup: HarvestSetup, arrays: HarvestArrays, todo: list[int], store: Store, config: HarvestConfig,
+               runtime: HarvestRuntime, plan: HarvestPlan) -> dict[str, Any]:
+    """Run the chunks `todo` with the interventions spliced in; the splice is hooked before the capture, so the
+    stored activations are the intervened ones."""
+    with MODEL_LOCK, Splice(setup.model, setup.targets) as splice:
+        splice.set(setup.replacements)
+        stats = _run_chunks(setup.model, setup.sites, arrays, store.corpus_dir(plan.corpus_id), config, runtime,
+                            plan, setup.device, todo)
+    return {"load_seconds": round(setup.load_seconds, 3), **stats, "device": str(setup.device),
+            "arrays": _arrays_info(setup.specs), "pid": os.getpid(), "model_loads": model_loads()}
+
+
+@task(name="harvest-chunks")
+def harvest_chunks(
+    store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan
+) -> dict[str, Any]:
+    """Run the model over every chunk not yet done; returns timing and size figures of this run.
+
+    The model, sites and context length are checked before anything is written, so bad input leaves the
+    store as it was; the object lock then keeps a second run of the same config out.
+    """
+    store = Store(store_root)
+    setup = setup_harvest(store, config, runtime, plan)
+    directory = store.harvest_dir(plan.harvest_id)
     try:
-        # the splice is hooked before the capture, so the stored activations are the intervened ones
-        with object_lock(directory), Splice(model, targets) as splice:
-            splice.set(replacements)
-            arrays = HarvestArrays(directory, specs, plan.n_tokens, plan.chunk_tokens)
+        with object_lock(directory):
+            arrays = HarvestArrays(directory, setup.specs, plan.n_tokens, plan.chunk_tokens)
             remove_temp_files(directory)
-            stats = _run_chunks(model, sites, arrays, store.corpus_dir(plan.corpus_id), config, runtime, plan, device)
+            todo = [c for c in range(plan.n_chunks) if c not in arrays.done_chunks()]
+            return _run_setup(setup, arrays, todo, store, config, runtime, plan)
     except OSError as exc:
         raise explain_os_error(exc, directory) from exc
-    arrays_info = {s.attrs.site: {"d": s.attrs.d, "dtype": s.attrs.logical_dtype, "module": s.attrs.module}
-                   for s in specs}
-    return {"load_seconds": round(load_seconds, 3), **stats, "device": str(device), "arrays": arrays_info}
+
+
+def prepare_arrays(store_root: str, config: HarvestConfig, runtime: HarvestRuntime,
+                   plan: HarvestPlan) -> dict[str, Any]:
+    """Create the pre-sized arrays once, before shard tasks write into them (two creators would race), and
+    clear the temp files of killed writes; returns the arrays' description for the manifest."""
+    store = Store(store_root)
+    setup = setup_harvest(store, config, runtime, plan)
+    directory = store.harvest_dir(plan.harvest_id)
+    try:
+        with object_lock(directory):
+            HarvestArrays(directory, setup.specs, plan.n_tokens, plan.chunk_tokens)
+            remove_temp_files(directory)
+    except OSError as exc:
+        raise explain_os_error(exc, directory) from exc
+    return _arrays_info(setup.specs)
+
+
+def harvest_shard(store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan,
+                  chunks: tuple[int, ...]) -> dict[str, Any]:
+    """Run the chunks of one shard that are not yet done, into arrays `prepare_arrays` created.
+
+    Shards hold disjoint chunks and each chunk is marked done only after its data is durable, so shards may
+    run on any worker, in any order, be killed and re-run: every chunk ends up written by exactly one
+    completed write, bit-identical to a single-process harvest run with the same threads."""
+    store = Store(store_root)
+    setup = setup_harvest(store, config, runtime, plan)
+    directory = store.harvest_dir(plan.harvest_id)
+    try:
+        with object_lock(directory / SHARD_LOCKS / f"{chunks[0]:08d}-{chunks[-1]:08d}"):
+            arrays = HarvestArrays(directory, setup.specs, plan.n_tokens, plan.chunk_tokens, create=False)
+            todo = [c for c in chunks if c not in arrays.done_chunks()]
+            return _run_setup(setup, arrays, todo, store, config, runtime, plan)
+    except OSError as exc:
+        raise explain_os_error(exc, directory) from exc
 
 
 def _run_chunks(model: torch.nn.Module, sites: list[SiteSpec], arrays: HarvestArrays, corpus_dir: Path,
                 config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan,
-                device: torch.device) -> dict[str, Any]:
+                device: torch.device, todo: list[int]) -> dict[str, Any]:
     """The loop: read windows, forward with hooks, hand the batch to the writer thread, next."""
-    todo = [c for c in range(plan.n_chunks) if c not in arrays.done_chunks()]
 
     def write(item: tuple[int, dict[str, torch.Tensor]]) -> None:
         arrays.write_chunk(*item)

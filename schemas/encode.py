@@ -31,6 +31,8 @@ class EncodeRuntime(BaseModel):
     """`auto` picks cuda, then mps, then cpu."""
     batch_tokens: int = Field(default=4096, gt=0)
     """Rows encoded at once (bounds the dense latent matrix: batch_tokens x d_sae floats)."""
+    threads: int | None = Field(default=None, gt=0)
+    """torch intra-op threads on CPU (Dask workers start with 1; set it explicitly)."""
     allow_mismatch: bool = False
     """Encode even when the SAE's recorded model or hook differ from the harvest (transfer experiments)."""
     progress: bool = True

@@ -51,6 +51,8 @@ class EvalRuntime(BaseModel):
     """Activation rows through the SAE at once."""
     ce_batch_windows: int = Field(default=8, gt=0)
     """Windows per forward in the downstream-loss pass (bounds logits memory: windows x ctx_len x vocab)."""
+    threads: int | None = Field(default=None, gt=0)
+    """torch intra-op threads on CPU (Dask workers start with 1; set it explicitly)."""
     allow_mismatch: bool = False
     """Evaluate even when the SAE was trained on another model or hook (transfer experiments)."""
     progress: bool = True

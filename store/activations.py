@@ -7,6 +7,7 @@ moment ends, after re-running, bit-identical to an uninterrupted run.
 """
 
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +22,11 @@ from schemas.manifest import MANIFEST_NAME
 from store.objects import atomic_write_bytes, fsync_path
 
 PROGRESS_DIR = "_progress"
+WRITES_LOG = "writes.log"
+"""`<chunk> <host> <pid>` per completed chunk write, appended after its done marker: the audit trail that shows
+each chunk was written once however many workers and restarts a harvest took."""
+SHARD_LOCKS = "_shards"
+"""Per-shard lock directories of a scaled-out harvest: two tasks of the same shard never run at once."""
 LOSS_SITE = "loss"
 
 
@@ -44,6 +50,12 @@ def done_chunks(harvest_dir: Path) -> set[int]:
     return {int(p.name[6:14]) for p in (harvest_dir / PROGRESS_DIR).glob("chunk-*.done")}
 
 
+def writer_identity() -> bytes:
+    """What a chunk's done marker holds: the host and process that wrote it, so a scaled-out run can be
+    audited chunk by chunk."""
+    return f"{socket.gethostname()} {os.getpid()}".encode()
+
+
 def array_path(harvest_dir: Path, site: str) -> Path:
     if "/" in site or site.startswith("."):
         raise UserError(f"site name {site!r} cannot be a file name: use blocks.L.hook_X or a dotted module path")
@@ -65,8 +77,11 @@ def to_storable(values: torch.Tensor | np.ndarray, logical_dtype: str) -> np.nda
 class HarvestArrays:
     """The writable arrays of one (possibly incomplete) harvest, with per-chunk done markers."""
 
-    def __init__(self, harvest_dir: Path, specs: list[ArraySpec], n_tokens: int, chunk_tokens: int) -> None:
+    def __init__(self, harvest_dir: Path, specs: list[ArraySpec], n_tokens: int, chunk_tokens: int,
+                 create: bool = True) -> None:
+        """`create=False` opens arrays another process created (shard writers must not race to create them)."""
         self.dir = harvest_dir
+        self.create = create
         self.n_tokens = n_tokens
         self.chunk_tokens = chunk_tokens
         self.n_chunks = -(-n_tokens // chunk_tokens)
@@ -89,6 +104,9 @@ class HarvestArrays:
                     "the harvest directory was altered; delete it and re-run"
                 )
             return arr
+        if not self.create:
+            raise UserError(f"{path} does not exist: the harvest's arrays are created before its shards run; "
+                            "re-run the pipeline to resume")
         chunks = (self.chunk_tokens,) if spec.squeeze else (self.chunk_tokens, spec.attrs.d)
         return zarr.create_array(
             store=path, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=0,
@@ -124,7 +142,9 @@ class HarvestArrays:
                 chunk_file = chunk_file / "0"
             fsync_path(chunk_file)
             fsync_path(chunk_file.parent)
-        atomic_write_bytes(self._marker(chunk), b"")
+        atomic_write_bytes(self._marker(chunk), writer_identity())
+        with open(self.progress / WRITES_LOG, "ab") as log:  # one short O_APPEND write: lines never interleave
+            log.write(b"%d %s\n" % (chunk, writer_identity()))
         return written
 
 

@@ -69,6 +69,7 @@ from schemas.features import (
 from store.objects import TMP_MARK, atomic_write_bytes, atomic_write_json, fsync_path, object_lock
 
 SPILL_DIR = "_spill"
+SHARD_LOCKS = "_shards"
 SETTINGS_NAME = "settings.json"
 BY_FEATURE_SORTING = (("feature", False), ("value", True), ("tok", False))
 BY_TOKEN_SORTING = (("tok", False), ("feature", False))
@@ -145,7 +146,10 @@ class FeatureWriter:
         bucket_rows: int = 4_000_000,
         row_group_rows: int = 131_072,
         token_part_rows: int = 32_000_000,
+        shard: str | None = None,
     ) -> None:
+        """`shard` names a writer of some chunks only: it locks just its shard, so writers of disjoint shards
+        (tasks on a Dask cluster) add chunks at once; `finish` still needs the whole-store lock."""
         try:
             self.config = FeatureTableConfig(
                 d_sae=d_sae,
@@ -174,7 +178,7 @@ class FeatureWriter:
             self._check_same_config(self.index.config, self.dir / INDEX_NAME)
             shutil.rmtree(self.spill, ignore_errors=True)  # a run killed after publishing the index
             return
-        self._locks.enter_context(object_lock(self.spill))
+        self._locks.enter_context(object_lock(self.spill if shard is None else self.spill / SHARD_LOCKS / shard))
         self._closed = False
         settings = self.spill / SETTINGS_NAME
         try:

@@ -1,8 +1,18 @@
-"""The store root and its layout: where every object lives, and read access to finished ones."""
+"""The store root and its layout: where every object lives, and read access to finished ones.
 
+A root is a local directory or an fsspec URL (`s3://bucket/store`, `gs://...`, `memory://...`; `file:///x` is the
+local directory `/x`). A remote root is worked through a local cache directory: flows write objects there as on
+any local root, `Store.push_published` uploads the finished ones (manifest last), and every read of an object
+that is not in the cache downloads it when it is published remotely. See `Store` for reading a remote store's
+Parquet tables with polars or pyarrow directly.
+"""
+
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, Any, NamedTuple
 
 import polars as pl
 
@@ -14,10 +24,23 @@ from store.activations import ActivationArray, open_activation
 from store.evals import scan_results
 from store.feature_queries import Decode, Encode, FeatureQueries
 from store.objects import TMP_MARK, read_manifest
+from store.remote import RemoteRoot, is_remote, local_path
 
 DEFAULT_ROOT = "./actstore-data"
 KIND_DIRS = {"corpus": "corpora", "harvest": "activations", "sae": "saes", "eval": "evals",
              "transfer": "transfers", "forecast": "forecasts", "direction": "directions"}
+KIND_ORDER = [*KIND_DIRS, "features", "attribution"]
+CACHE_ENV = "ACTSTORE_CACHE"
+DEFAULT_CACHE = "~/.cache/actstore"
+
+
+def cache_dir(url: str) -> Path:
+    """The local working directory of a remote root: `$ACTSTORE_CACHE/<readable slug>-<hash of the URL>`.
+
+    One per URL, shared by every process on the machine, so objects downloaded or written once are reused."""
+    base = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+    slug = re.sub(r"[^A-Za-z0-9._]+", "-", url).strip("-.")[:60] or "store"
+    return base / f"{slug}-{hashlib.sha256(url.rstrip('/').encode()).hexdigest()[:10]}"
 
 
 class Listing(NamedTuple):
@@ -32,13 +55,61 @@ class Listing(NamedTuple):
 
 
 class Store:
-    """A store root on local disk; see DESIGN.md for the layout."""
+    """A store root; see DESIGN.md for the layout.
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).expanduser()
+    With a remote root, `root` is the local cache directory, `url` the root's URL and `remote` its `RemoteRoot`;
+    with a local root both are None. Every `*_dir` method returns a local directory, downloading the object
+    first when it is published remotely and not yet in the cache, so flows read and write local paths alike.
+
+    Reading a remote store without actstore: every object directory holding a `manifest.json` is complete and
+    never changes again; its Parquet files are plain Parquet:
+
+        import fsspec, polars as pl, pyarrow.parquet as pq
+        fs, root = fsspec.core.url_to_fs("s3://bucket/store")
+        tokens = pq.read_table(fs.glob(f"{root}/corpora/<corpus_id>/part-*.parquet"), filesystem=fs)
+        features = f"{root}/features/<sae_id>/<harvest_id>"
+        summary = pl.read_parquet(fs.open(f"{features}/summary.parquet"))
+        top = pq.read_table(fs.glob(f"{features}/by_feature/part-*.parquet"), filesystem=fs,
+                            filters=[("feature", "=", 123)])
+        # polars' own cloud reader takes s3://, gs:// and az:// URLs (not memory://) without fsspec:
+        by_token = pl.scan_parquet("s3://bucket/store/features/<sae_id>/<harvest_id>/by_token/*.parquet")
+
+    Through a Store, `store.open_url(relpath)` opens one such file (e.g. `pl.read_parquet(store.open_url(
+    "features/<sae>/<harvest>/summary.parquet"))`) and `store.remote.fs` / `store.remote.path(relpath)` are what
+    pyarrow's `filesystem=` and the file paths need."""
+
+    def __init__(self, root: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+        """`storage_options`: passed to the fsspec filesystem of a remote root (credentials, endpoint)."""
+        self.url: str | None = None
+        self.remote: RemoteRoot | None = None
+        if is_remote(root):
+            self.url = str(root)
+            self.remote = RemoteRoot(self.url, storage_options)
+            self.root = cache_dir(self.url)
+        else:
+            self.root = local_path(root)
+
+    @property
+    def location(self) -> str:
+        """The root as the user named it, for messages."""
+        return self.url or str(self.root)
+
+    def _relpath(self, kind: str, object_id: str) -> str:
+        if kind == "features":
+            return f"features/{object_id}"
+        if kind == "attribution":
+            return f"features/{object_id}/{ATTRIBUTION_DIR}"
+        return f"{KIND_DIRS[kind]}/{object_id}"
+
+    def _fetched(self, relpath: str) -> Path:
+        """The local directory of an object, downloaded first when only the remote has it published."""
+        local = self.root / relpath
+        if self.remote is not None and read_manifest(local) is None:
+            self.remote.pull(relpath, local)
+        return local
 
     def object_dir(self, kind: str, object_id: str) -> Path:
-        return self.root / KIND_DIRS[kind] / object_id
+        return self._fetched(self._relpath(kind, object_id))
 
     def corpus_dir(self, corpus_id: str) -> Path:
         return self.object_dir("corpus", corpus_id)
@@ -50,7 +121,10 @@ class Store:
         return self.object_dir("sae", sae_id)
 
     def features_dir(self, sae_id: str, harvest_id: str) -> Path:
-        return self.root / "features" / sae_id / harvest_id
+        """The feature store of an SAE on a harvest; its attribution (if any) is the `attribution/` inside."""
+        directory = self._fetched(self._relpath("features", f"{sae_id}/{harvest_id}"))
+        self._fetched(self._relpath("attribution", f"{sae_id}/{harvest_id}"))
+        return directory
 
     def eval_dir(self, eval_id: str) -> Path:
         return self.object_dir("eval", eval_id)
@@ -65,15 +139,20 @@ class Store:
         return self.object_dir("forecast", forecast_id)
 
     def manifest(self, kind: str, object_id: str) -> Manifest:
-        """The manifest of a finished object; a missing or incomplete one is a clear error."""
-        directory = self.object_dir(kind, object_id)
+        """The manifest of a finished object; a missing or incomplete one is a clear error.
+
+        Of a remote object not in the cache, only the manifest is read: the data comes with its directory."""
+        relpath = self._relpath(kind, object_id)
+        directory = self.root / relpath
         found = read_manifest(directory)
+        if found is None and self.remote is not None:
+            found = self.remote.manifest(relpath)
         if found is None:
             if directory.exists():
                 raise UserError(f"{kind} {object_id} is incomplete: re-run the command that makes it to resume")
             known = [entry.id for entry in self.ls() if entry.kind == kind and entry.complete]
             hint = f"known: {', '.join(known[:8])}" if known else f"run `actstore {_MAKER[kind]}` first"
-            raise UserError(f"no {kind} {object_id!r} in store {self.root}: {hint}")
+            raise UserError(f"no {kind} {object_id!r} in store {self.location}: {hint}")
         return found
 
     def tokens(self, corpus_id: str) -> pl.LazyFrame:
@@ -94,14 +173,15 @@ class Store:
         `decode` (token ids -> text) and `encode` (text -> ids) come from the model's tokenizer; the store
         cannot load tokenizers itself, so callers pass them (the CLI does)."""
         harvest = self.manifest("harvest", harvest_id)
-        directory = self.features_dir(sae_id, harvest_id)
+        directory = self._fetched(self._relpath("features", f"{sae_id}/{harvest_id}"))
         if read_manifest(directory) is None:
             state = "is incomplete: re-run the encode to resume it" if directory.exists() else "does not exist"
-            raise UserError(f"features of {sae_id} on {harvest_id} {state} (actstore encode)")
+            raise UserError(f"features of {sae_id} on {harvest_id} {state} in store {self.location} (actstore encode)")
         return FeatureQueries(directory, self.tokens(harvest.extra["corpus_id"]), decode, encode)
 
     def evals(self) -> pl.LazyFrame:
         """One summary row per finished evaluation (ids of the SAE, harvest and site, and every metric)."""
+        self._fetch_all("eval")
         return scan_results(self.root / KIND_DIRS["eval"], "summary.parquet", EVAL_SUMMARY_SCHEMA)
 
     def eval_table(self, eval_id: str, table: str) -> pl.LazyFrame:
@@ -110,6 +190,7 @@ class Store:
 
     def transfers(self) -> pl.LazyFrame:
         """One row per site of every finished transfer analysis: global mean cosine and distance."""
+        self._fetch_all("transfer")
         return scan_results(self.root / KIND_DIRS["transfer"], "summary.parquet", TRANSFER_SUMMARY_SCHEMA)
 
     def transfer_table(self, transfer_id: str, table: str) -> pl.LazyFrame:
@@ -128,8 +209,70 @@ class Store:
             raise UserError(f"{kind} {object_id} has no table {table!r}: choose one of {', '.join(names)}")
         return pl.scan_parquet(path)
 
+    def _fetch_all(self, kind: str) -> None:
+        """Download every remotely published object of a kind that the cache lacks."""
+        if self.remote is not None:
+            for relpath in self.remote.list_published([f"{KIND_DIRS[kind]}/*"]):
+                self._fetched(relpath)
+
+    def _patterns(self) -> list[str]:
+        """Glob patterns of every object directory of the layout."""
+        return [f"{sub}/*" for sub in KIND_DIRS.values()] + ["features/*/*", f"features/*/*/{ATTRIBUTION_DIR}"]
+
+    def _key(self, relpath: str) -> tuple[str, str] | None:
+        """(kind, id) of an object's relative path; None for a path outside the layout."""
+        parts = relpath.split("/")
+        if parts[0] == "features" and len(parts) in (3, 4):
+            if len(parts) == 3:
+                return "features", f"{parts[1]}/{parts[2]}"
+            return ("attribution", f"{parts[1]}/{parts[2]}") if parts[3] == ATTRIBUTION_DIR else None
+        kinds = {sub: kind for kind, sub in KIND_DIRS.items()}
+        return (kinds[parts[0]], parts[1]) if len(parts) == 2 and parts[0] in kinds else None
+
+    def open_url(self, relpath: str) -> IO[bytes]:
+        """One stored file by its path under the root (`corpora/<id>/part-000000.parquet`), read from the remote
+        when the root is remote: `pl.read_parquet(store.open_url(...))`, `pq.read_table(store.open_url(...))`."""
+        if self.remote is not None:
+            return self.remote.open(relpath)
+        path = self.root / relpath
+        if not path.is_file():
+            raise UserError(f"no file {relpath} in store {self.location}: list the object's files with `actstore ls`")
+        return path.open("rb")
+
+    def push_published(self) -> list[str]:
+        """Upload every finished object of the cache that the remote root lacks; returns their relative paths.
+
+        Each object's manifest goes last, so a push killed midway publishes nothing and the next one completes
+        it. A no-op (empty list) for a local root."""
+        if self.remote is None:
+            return []
+        published = set(self.remote.list_published(self._patterns()))
+        pushed: list[str] = []
+        for entry in self._local_listing():
+            relpath = self._relpath(entry.kind, entry.id)
+            if entry.complete and relpath not in published:
+                self.remote.push(self.root / relpath, relpath)
+                pushed.append(relpath)
+        return pushed
+
     def ls(self) -> list[Listing]:
-        """Every object under the root, finished or not (temp directories of live ingests excluded)."""
+        """Every object of the store, finished or not (temp directories of live ingests excluded); with a remote
+        root, the objects in the cache and the ones published remotely."""
+        local = self._local_listing()
+        if self.remote is None:
+            return local
+        found = {(entry.kind, entry.id): entry for entry in local}
+        wanted: dict[str, tuple[str, str]] = {}
+        for relpath in self.remote.list_published(self._patterns()):
+            key = self._key(relpath)
+            if key is not None and not (key in found and found[key].complete):
+                wanted[relpath] = key
+        for relpath, manifest in self.remote.manifests(wanted).items():
+            found[wanted[relpath]] = Listing(*wanted[relpath], True, manifest.counts, manifest.created)
+        return sorted(found.values(), key=lambda entry: (KIND_ORDER.index(entry.kind), entry.id))
+
+    def _local_listing(self) -> list[Listing]:
+        """Every object under the local root (the cache of a remote root)."""
         found: list[Listing] = []
         for kind, sub in KIND_DIRS.items():
             base = self.root / sub
@@ -165,6 +308,6 @@ _MAKER = {"corpus": "ingest", "harvest": "harvest", "sae": "train` or `actstore 
           "direction": "direction"}
 
 
-def open_store(root: str | Path = DEFAULT_ROOT) -> Store:
-    """Open a store root for reading (it need not exist yet: writers create it)."""
-    return Store(root)
+def open_store(root: str | Path = DEFAULT_ROOT, storage_options: dict[str, Any] | None = None) -> Store:
+    """Open a store root (a directory or an fsspec URL) for reading (it need not exist yet: writers create it)."""
+    return Store(root, storage_options)

@@ -6,6 +6,9 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,3 +53,35 @@ def snapshot(root: Path) -> dict[str, str]:
         return {}
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tiny_pipeline(directory: Path, store: str = "store", **sections: Any) -> Path:
+    """A pipeline config on a tiny seeded llama and a 200-document text corpus (~49k tokens, 386 chunks of 4
+    windows of 32), written to `directory/pipeline.yaml`; `sections` replace or add top-level sections."""
+    from tests.tiny_models import build_tiny_model
+
+    model = directory / "model"
+    if not model.exists():
+        build_tiny_model("llama", model)
+    text = write_text_corpus(directory / "text", n_docs=200)
+    config: dict[str, Any] = {
+        "name": "tiny", "store": store, "model": {"name": str(model)},
+        "corpus": {"source": "text", "paths": [str(text)], "ctx_len": 32},
+        "harvest": {"sites": ["blocks.1.hook_resid_post"], "batch_windows": 4},
+        "train": {"architecture": "topk", "expansion_factor": 2, "k": 4, "total_tokens": 8192, "batch_size": 512,
+                  "lr": 0.001, "warmup_steps": 2, "checkpoint_every": 5},
+        "eval": {"ce_tokens": 256}, "dashboard": None,
+        "run": {"threads": 1, "progress": False},
+        **sections,
+    }
+    path = directory / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def stored_data(root: Path) -> dict[str, str]:
+    """`snapshot` of what a store holds, less what records how and when it was made (manifests' timings,
+    done markers and write logs naming processes, locks): equal for two runs that stored the same bytes."""
+    skip = ("manifest.json", "dashboard.json", ".lock", "writes.log")
+    return {k: v for k, v in snapshot(root).items()
+            if not k.endswith(skip) and "/_progress/" not in k and "/_shards/" not in k}
