@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/bench/reader.py --out .bench/reader.md
 	$(BIN)/python tests/bench/sae_training.py
 	$(BIN)/python tests/bench/dashboard.py
+	$(BIN)/python tests/bench/scaleout.py --out .bench/scaleout.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -159,8 +159,8 @@ class Bench:
         steps = scaleout_flow.with_options(task_runner=cluster.task_runner())
         warm, harvested, encoded = steps(root, warmup, config, encode_config(root, self.sae, config), run, cluster)
         if warm.timings["worker_processes"] != workers:
-            raise RuntimeError(f"the warm-up harvest ran on {warm.timings['worker_processes']} of {workers} workers: "
-                               "a worker's model load would be in the measured time; run the bench again")
+            raise RuntimeError(f"the warm-up harvest ran on {warm.timings['worker_processes']:.0f} of {workers} "
+                               "workers: a worker's model load would be in the measured time; run the bench again")
         shutil.rmtree(root)
         return harvested, encoded
 
@@ -226,9 +226,9 @@ def main() -> None:
     def ratio_rows(step: str, on_one: Manifest, on_two: Manifest) -> list[tuple[str, str]]:
         one_tps, two_tps = on_one.timings["tokens_per_s"], on_two.timings["tokens_per_s"]
         each = f"{half} thread{'s' if half > 1 else ''} each"
-        return [(f"{step} tokens/s, 1 Dask worker ({args.threads} threads, {on_one.timings['shards']} shards)",
+        return [(f"{step} tokens/s, 1 Dask worker ({args.threads} threads, {on_one.timings['shards']:.0f} shards)",
                  f"{one_tps:,.0f}"),
-                (f"{step} tokens/s, 2 Dask workers ({each}, {on_two.timings['shards']} shards)", f"{two_tps:,.0f}"),
+                (f"{step} tokens/s, 2 Dask workers ({each}, {on_two.timings['shards']:.0f} shards)", f"{two_tps:,.0f}"),
                 ("**2 workers / 1 worker**", f"**{two_tps / one_tps:.2f}x**")]
 
     def overhead_rows(step: str, seconds: list[list[float]]) -> list[tuple[str, str]]:
