@@ -114,9 +114,11 @@ def _with_retries(t: Task[..., Any], run: RunSettings) -> Task[..., Any]:
     return t.with_options(retries=run.retries, retry_delay_seconds=run.retry_delay_seconds)
 
 
-def _one(t: Task[..., Any], args: tuple[Any, ...], cluster: Cluster, device: str, run: RunSettings) -> Any:
-    """One task on the cluster (a worker that has the model), or inline."""
-    t = _with_retries(t, run)
+def _one(t: Task[..., Any], args: tuple[Any, ...], cluster: Cluster, device: str, run: RunSettings,
+         stored: bool) -> Any:
+    """One task on the cluster (a worker that has the model), or inline; its cached result is used only while
+    its output is `stored`."""
+    t = _with_retries(t, run).with_options(refresh_cache=not stored)
     with on_model_device(device, cluster):
         return t(*args) if not cluster.distributed else t.submit(*args).result()
 
@@ -147,7 +149,8 @@ def harvest_step(store_root: str, config: HarvestConfig, run: RunSettings, clust
                              progress=run.progress and not cluster.distributed)
     plan = plan_harvest(store_root, config)
     directory = Store(store_root).harvest_dir(plan.harvest_id)
-    arrays = _one(prepare_harvest, (store_root, config, runtime, plan), cluster, run.device, run)
+    arrays = _one(prepare_harvest, (store_root, config, runtime, plan), cluster, run.device, run,
+                  stored=read_manifest(directory) is not None or any(directory.glob("*.zarr/zarr.json")))
 
     def missing(chunks: tuple[int, ...]) -> tuple[int, ...]:
         if read_manifest(directory) is not None:
@@ -227,7 +230,8 @@ def run_steps(config: PipelineConfig, store_root: str, cluster: Cluster) -> dict
             eval_config = EvalConfig(sae_id=sae.id, harvest_id=harvested.id, site=site, **config.eval.model_dump())
             runtime = EvalRuntime(device=run.device, threads=task_threads(run, cluster),
                                   progress=run.progress and not cluster.distributed)
-            evaluated = _one(evaluate_task, (store_root, eval_config, runtime), cluster, run.device, run)
+            stored = read_manifest(Store(store_root).eval_dir(eval_config.eval_id())) is not None
+            evaluated = _one(evaluate_task, (store_root, eval_config, runtime), cluster, run.device, run, stored)
             entry.update(eval_id=evaluated.id, eval=evaluated.extra["summary"])
             push(store_root)
         if config.dashboard is not None and config.encode is not None:

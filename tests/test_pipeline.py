@@ -2,6 +2,7 @@
 single-step commands store (checked against HF's own forward); a re-run does no work and Prefect shows every
 shard task as Cached; the run leaves markdown and table artifacts."""
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from flows.pipeline import pipeline
 from schemas.errors import UserError
 from schemas.pipeline import load_pipeline_config
 from store.root import Store
-from tests.helpers import snapshot, tiny_pipeline
+from tests.helpers import snapshot, stored_data, tiny_pipeline
 
 
 def _latest_steps_task_states() -> dict[str, list[str]]:
@@ -136,6 +137,17 @@ def test_pipeline_runs_every_step_and_a_rerun_is_cached(tiny: Path) -> None:
     second = _latest_steps_task_states()
     for name in ("prepare-harvest", "harvest-shard", "encode-shard", "evaluate"):
         assert set(second[name]) == {"Cached"}, (name, second[name])
+
+    # outputs deleted behind Prefect's back: their cached task results must not stand in for them
+    data = stored_data(Path(summary["store"]))
+    shutil.rmtree(store.harvest_dir(summary["harvest_id"]))
+    shutil.rmtree(store.eval_dir(entry["eval_id"]))
+    assert pipeline(str(tiny))["saes"] == summary["saes"]
+    assert stored_data(Path(summary["store"])) == data
+    third = _latest_steps_task_states()
+    for name in ("prepare-harvest", "harvest-shard", "evaluate"):
+        assert set(third[name]) == {"Completed"}, (name, third[name])
+    assert set(third["encode-shard"]) == {"Cached"}
 
     with get_client(sync_client=True) as client:
         markdown = client.read_latest_artifacts()
