@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+from bench_report import publish
 from features import feature_probabilities, synthetic_chunks, token_batches
 
 from flows.dashboard_data import DashboardOptions, gather
@@ -105,10 +106,7 @@ def main() -> None:
         f"({D_MODEL} x {VOCAB:,} unembedding): {logits_s:.2f} s. Writing the synthetic store: {setup_s:.1f} s "
         "(not counted).",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    publish("\n".join(lines), args.out)
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
 

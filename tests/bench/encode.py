@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_report import measure_table, publish
 
 from flows.encode import encode_chunks, finish_features
 from flows.saes import publish_sae
@@ -100,10 +101,7 @@ def main() -> None:
     ]
     header = (f"TopK SAE d_in={D}, d_sae={D_SAE}, k={K}; {tokens:,} synthetic fp32 tokens in chunks of {CHUNK}; "
               f"median of {args.repeats}; {torch.get_num_threads()} torch threads, cpu")
-    table = "\n".join([header, "", "| measure | value |", "|---|---|"] + [f"| {a} | {v} |" for a, v in rows])
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    publish(measure_table(header, rows), args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from bench_report import publish
 
 from schemas.features import triples_schema
 from schemas.tables import SPLITS, TOKEN_SCHEMA
@@ -267,10 +268,7 @@ def main() -> None:
         "|---|---|---|---|",
         *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    publish("\n".join(lines), args.out)
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
 

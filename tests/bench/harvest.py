@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_report import measure_table, publish
 
 from flows.harvest import cached_model, harvest_chunks, plan_harvest, publish_harvest
 from flows.ingest import ingest_corpus
@@ -120,10 +121,7 @@ def main() -> None:
     header = (f"Embedded default (SmolLM2-135M, {n_layers(model)} blocks, fp32), {tokens:,} tokens per run in batches "
               f"of 4096, ctx_len {CTX_LEN}, median of {args.repeats}; {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} torch threads, device cpu")
-    table = "\n".join([header, "", "| measure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    publish(measure_table(header, rows), args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from store.root import Store
 from store.shards import DEFAULT_BUFFER_TOKENS, ShardReader, make_loader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, `tests` is not on the path
+from bench_report import publish
+
 from tests.shard_data import write_synthetic_store
 
 SITE = "blocks.6.hook_resid_post"
@@ -156,9 +158,7 @@ def main() -> None:
         f"{args.repeats}):\n\n| fed by | steps/s | ÷ in-memory |\n|---|---:|---:|\n"
         f"| in-memory tensors (same batches) | {training['memory']:.3f} | 1.00 |\n"
         f"| shuffled shard reader | {training['reader']:.3f} | **{training['reader'] / training['memory']:.3f}** |\n")
-    print(table)
-    if args.out:
-        args.out.write_text(table)
+    publish(table, args.out)
 
 
 if __name__ == "__main__":

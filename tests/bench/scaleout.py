@@ -48,6 +48,7 @@ os.environ.update({} if os.environ.get("PREFECT_API_URL") else {
 import distributed
 import prefect
 import torch
+from bench_report import measure_table, publish
 from prefect import flow
 
 from flows.cluster import Cluster
@@ -244,10 +245,7 @@ def main() -> None:
               f"LocalCluster, Prefect {prefect.__version__} ({server}); Prefect overhead: median of {args.repeats} "
               f"alternating runs, {args.threads} threads; {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, device cpu")
-    table = "\n".join([header, "", "| measure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    publish(measure_table(header, rows), args.out)
 
 
 if __name__ == "__main__":
