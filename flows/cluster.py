@@ -152,27 +152,31 @@ def _run_pass(task: Task[..., dict[str, Any]], todo: list[tuple[Any, ...]], clus
               results: list[dict[str, Any]], progress: Any, total: int,
               missing: Callable[[tuple[int, ...]], tuple[int, ...]], what: str) -> list[BaseException]:
     failures: list[BaseException] = []
+    left = [missing(args[-1]) for args in todo]  # asked once per pass: each shard that returns has written these
+    done = total - sum(map(len, left))
 
-    def record(result: dict[str, Any]) -> None:
+    def record(shard: int, result: dict[str, Any]) -> None:
+        nonlocal done
         results.append(result)
-        done = total - sum(len(missing(a[-1])) for a in todo)
+        done += len(left[shard])
         update_progress_artifact(progress, 100.0 * done / max(total, 1), description=f"{what}: {done} of {total}")
 
-    def runner(chunks: tuple[int, ...]) -> Task[..., dict[str, Any]]:
+    def runner(shard: int) -> Task[..., dict[str, Any]]:
         """A shard whose chunks the store lacks runs even if Prefect has a cached result for it (its files were
         deleted since); a complete one may come from the cache."""
-        return task.with_options(refresh_cache=True) if missing(chunks) else task
+        return task.with_options(refresh_cache=True) if left[shard] else task
 
     if not cluster.distributed:
         with on_model_device(device, cluster):
-            for args in todo:  # inline: one shard after another in this process, exceptions as they come
-                record(runner(args[-1])(*args))
+            for shard, args in enumerate(todo):  # inline: one shard after another, exceptions as they come
+                record(shard, runner(shard)(*args))
         return failures
     with on_model_device(device, cluster):
-        futures = [runner(args[-1]).submit(*args) for args in todo]
+        futures = [runner(shard).submit(*args) for shard, args in enumerate(todo)]
+    shard_of = {id(future): shard for shard, future in enumerate(futures)}
     for future in as_completed(futures):
         try:
-            record(future.result())
+            record(shard_of[id(future)], future.result())
         except Exception as err:  # a lost worker or a failed shard: the store says what is missing
             failures.append(err)
     return failures

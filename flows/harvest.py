@@ -5,10 +5,12 @@ model over every chunk not yet marked done while a writer thread stores the prev
 `publish_harvest` writes the manifest once every chunk is durable.
 """
 
+import contextlib
 import functools
 import os
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -187,10 +189,31 @@ def _arrays_info(specs: list[ArraySpec]) -> dict[str, dict[str, Any]]:
     return {s.attrs.site: {"d": s.attrs.d, "dtype": s.attrs.logical_dtype, "module": s.attrs.module} for s in specs}
 
 
-def _run_setup(setup: HarvestSetup, arrays: HarvestArrays, todo: list[int], store: Store, config: HarvestConfig,
-               runtime: HarvestRuntime, plan: HarvestPlan) -> dict[str, Any]:
-    """Run the chunks `todo` with the interventions spliced in; the splice is hooked before the capture, so the
-    stored activations are the intervened ones."""
+@contextlib.contextmanager
+def _locked_arrays(store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan,
+                   shard: tuple[int, ...] | None) -> Iterator[tuple[Store, HarvestSetup, HarvestArrays]]:
+    """The checked model and the harvest's arrays, under a lock: the whole harvest's (its arrays created and the
+    temp files of killed writes cleared), or one shard's (arrays created before, by `prepare_arrays`)."""
+    store = Store(store_root)
+    setup = setup_harvest(store, config, runtime, plan)
+    directory = store.harvest_dir(plan.harvest_id)
+    lock = directory if shard is None else directory / SHARD_LOCKS / f"{shard[0]:08d}-{shard[-1]:08d}"
+    try:
+        with object_lock(lock):
+            arrays = HarvestArrays(directory, setup.specs, plan.n_tokens, plan.chunk_tokens, create=shard is None)
+            if shard is None:
+                remove_temp_files(directory)
+            yield store, setup, arrays
+    except OSError as exc:
+        raise explain_os_error(exc, directory) from exc
+
+
+def _run_setup(setup: HarvestSetup, arrays: HarvestArrays, chunks: Iterable[int], store: Store,
+               config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan) -> dict[str, Any]:
+    """Run those of `chunks` not yet done with the interventions spliced in; the splice is hooked before the
+    capture, so the stored activations are the intervened ones."""
+    done = arrays.done_chunks()
+    todo = [c for c in chunks if c not in done]
     with MODEL_LOCK, Splice(setup.model, setup.targets) as splice:
         splice.set(setup.replacements)
         stats = _run_chunks(setup.model, setup.sites, arrays, store.corpus_dir(plan.corpus_id), config, runtime,
@@ -208,33 +231,16 @@ def harvest_chunks(
     The model, sites and context length are checked before anything is written, so bad input leaves the
     store as it was; the object lock then keeps a second run of the same config out.
     """
-    store = Store(store_root)
-    setup = setup_harvest(store, config, runtime, plan)
-    directory = store.harvest_dir(plan.harvest_id)
-    try:
-        with object_lock(directory):
-            arrays = HarvestArrays(directory, setup.specs, plan.n_tokens, plan.chunk_tokens)
-            remove_temp_files(directory)
-            todo = [c for c in range(plan.n_chunks) if c not in arrays.done_chunks()]
-            return _run_setup(setup, arrays, todo, store, config, runtime, plan)
-    except OSError as exc:
-        raise explain_os_error(exc, directory) from exc
+    with _locked_arrays(store_root, config, runtime, plan, None) as (store, setup, arrays):
+        return _run_setup(setup, arrays, range(plan.n_chunks), store, config, runtime, plan)
 
 
 def prepare_arrays(store_root: str, config: HarvestConfig, runtime: HarvestRuntime,
                    plan: HarvestPlan) -> dict[str, Any]:
     """Create the pre-sized arrays once, before shard tasks write into them (two creators would race), and
     clear the temp files of killed writes; returns the arrays' description for the manifest."""
-    store = Store(store_root)
-    setup = setup_harvest(store, config, runtime, plan)
-    directory = store.harvest_dir(plan.harvest_id)
-    try:
-        with object_lock(directory):
-            HarvestArrays(directory, setup.specs, plan.n_tokens, plan.chunk_tokens)
-            remove_temp_files(directory)
-    except OSError as exc:
-        raise explain_os_error(exc, directory) from exc
-    return _arrays_info(setup.specs)
+    with _locked_arrays(store_root, config, runtime, plan, None) as (_, setup, _):
+        return _arrays_info(setup.specs)
 
 
 def harvest_shard(store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan,
@@ -244,16 +250,8 @@ def harvest_shard(store_root: str, config: HarvestConfig, runtime: HarvestRuntim
     Shards hold disjoint chunks and each chunk is marked done only after its data is durable, so shards may
     run on any worker, in any order, be killed and re-run: every chunk ends up written by exactly one
     completed write, bit-identical to a single-process harvest run with the same threads."""
-    store = Store(store_root)
-    setup = setup_harvest(store, config, runtime, plan)
-    directory = store.harvest_dir(plan.harvest_id)
-    try:
-        with object_lock(directory / SHARD_LOCKS / f"{chunks[0]:08d}-{chunks[-1]:08d}"):
-            arrays = HarvestArrays(directory, setup.specs, plan.n_tokens, plan.chunk_tokens, create=False)
-            todo = [c for c in chunks if c not in arrays.done_chunks()]
-            return _run_setup(setup, arrays, todo, store, config, runtime, plan)
-    except OSError as exc:
-        raise explain_os_error(exc, directory) from exc
+    with _locked_arrays(store_root, config, runtime, plan, chunks) as (store, setup, arrays):
+        return _run_setup(setup, arrays, chunks, store, config, runtime, plan)
 
 
 def _run_chunks(model: torch.nn.Module, sites: list[SiteSpec], arrays: HarvestArrays, corpus_dir: Path,

@@ -36,7 +36,7 @@ from schemas.manifest import Manifest
 from schemas.pipeline import PipelineConfig, RunSettings, load_pipeline_config, resolve_store
 from schemas.train_run import TrainRun
 from store.activations import done_chunks
-from store.features import SPILL_DIR
+from store.features import stored_chunks
 from store.objects import read_manifest
 from store.root import Store
 from transforms.models import load_model_config
@@ -182,7 +182,8 @@ def encode_step(store_root: str, config: EncodeConfig, run: RunSettings, cluster
     def missing(chunks: tuple[int, ...]) -> tuple[int, ...]:
         if read_manifest(directory) is not None:
             return ()
-        return tuple(c for c in chunks if not (directory / SPILL_DIR / f"chunk-{c:08d}.npy").exists())
+        stored = stored_chunks(directory)
+        return tuple(c for c in chunks if c not in stored)
 
     start = time.perf_counter()
     shards = [(store_root, config, runtime, s) for s in shard_ranges(n_chunks, cluster, run.shard_chunks)]

@@ -122,6 +122,11 @@ def read_index(directory: Path) -> FeatureIndex | None:
     return FeatureIndex.model_validate_json(path.read_text())
 
 
+def stored_chunks(directory: str | Path) -> set[int]:
+    """Chunks an unfinished feature store holds (each run file is renamed into place whole, so it is complete)."""
+    return {int(path.name[6:14]) for path in (Path(directory) / SPILL_DIR).glob("chunk-*.npy")}
+
+
 def part_name(number: int) -> str:
     return f"part-{number:06d}.parquet"
 
@@ -300,7 +305,7 @@ class FeatureWriter:
 
     def _complete_chunks(self, n_chunks: int | None) -> tuple[list[ChunkInfo], np.ndarray]:
         """The chunks to build from, checked complete and in tok order, and the per-feature totals."""
-        found = {int(path.name.split("-")[1].split(".")[0]) for path in self.spill.glob("chunk-*.npy")}
+        found = stored_chunks(self.dir)
         expected = n_chunks if n_chunks is not None else (max(found) + 1 if found else 0)
         missing = sorted(set(range(expected)) - set(found))
         if missing:
