@@ -8,6 +8,7 @@ content id of what it writes, so a re-run shows finished shards as Cached and do
 a markdown summary and a table of the headline numbers as Prefect artifacts.
 """
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from schemas.eval import EvalConfig, EvalRuntime
 from schemas.harvest import HarvestConfig, HarvestRuntime
 from schemas.ids import content_hash
 from schemas.manifest import Manifest
+from schemas.model import ModelConfig
 from schemas.pipeline import PipelineConfig, RunSettings, load_pipeline_config, resolve_store
 from schemas.train_run import TrainRun
 from store.activations import done_chunks
@@ -46,14 +48,21 @@ from transforms.sites import resolve_sites
 def check_pipeline(config: PipelineConfig) -> None:
     """Fail before any work on what can be checked without weights: the model must resolve and the sites must
     exist in its architecture (built on the meta device, no memory)."""
+    _check_model_and_sites(config.model, config.harvest.sites)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_model_and_sites(model: ModelConfig, sites: tuple[str, ...]) -> None:
+    """Cached: `actstore run` checks before starting Prefect and the flow checks again in the same process
+    (~3 s for a GGUF file's metadata); a failed check is not cached."""
     try:
-        model_config = load_model_config(config.model)
+        model_config = load_model_config(model)
     except UserError as err:
-        raise UserError(f"model.name {config.model.name!r}: {err}") from None
+        raise UserError(f"model.name {model.name!r}: {err}") from None
     with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+        net = AutoModelForCausalLM.from_config(model_config, trust_remote_code=model.trust_remote_code)
     try:
-        resolve_sites(net, list(config.harvest.sites))
+        resolve_sites(net, list(sites))
     except UserError as err:
         raise UserError(f"harvest.sites: {err}") from None
 
