@@ -3,8 +3,8 @@
 import argparse
 from typing import Any
 
-from schemas.eval_tables import DOWNSTREAM_FIELDS, RECONSTRUCTION_FIELDS
-from store.root import Store
+from actstore.schemas.eval_tables import DOWNSTREAM_FIELDS, RECONSTRUCTION_FIELDS
+from actstore.store.root import Store
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -29,18 +29,18 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def _runtime(a: argparse.Namespace) -> Any:
-    from schemas.eval import EvalRuntime
+    from actstore.schemas.eval import EvalRuntime
 
     return EvalRuntime(device=a.device, allow_mismatch=a.allow_mismatch, progress=not a.no_progress)
 
 
 def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.encode import resolve_site
-    from flows.eval import evaluate
-    from flows.harvest import harvest_model_label
-    from flows.saes import open_sae, stored_sae_id
-    from schemas.eval import EvalConfig
-    from transforms.sae import check_compatible
+    from actstore.flows.encode import resolve_site
+    from actstore.flows.eval import evaluate
+    from actstore.flows.harvest import harvest_model_label
+    from actstore.flows.saes import open_sae, stored_sae_id
+    from actstore.schemas.eval import EvalConfig
+    from actstore.transforms.sae import check_compatible
 
     store = Store(a.store)
     harvest = store.manifest("harvest", a.harvest)
@@ -85,8 +85,8 @@ def add_transfer_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_transfer(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.transfer import transfer
-    from schemas.transfer import TransferConfig
+    from actstore.flows.transfer import transfer
+    from actstore.schemas.transfer import TransferConfig
 
     config = TransferConfig(harvest_a=a.harvest_a, harvest_b=a.harvest_b, sites=tuple(a.site), sae_a=a.sae_a,
                             sae_b=a.sae_b, split=a.split, max_tokens=a.max_tokens, exclude_bos=not a.keep_bos,
@@ -132,8 +132,8 @@ def add_synthetic_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synthetic(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.synthetic import synthetic
-    from schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
+    from actstore.flows.synthetic import synthetic
+    from actstore.schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
 
     config = SyntheticConfig(kind=a.kind, n_tokens=a.tokens, d=a.d, seed=a.seed, components=a.components,
                              spread=a.spread, scale=a.scale, anisotropy=a.anisotropy, ctx_len=a.ctx_len,
@@ -159,7 +159,7 @@ def add_dashboard_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_dashboard(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.dashboard import DashboardOptions, dashboard, dashboard_server
+    from actstore.flows.dashboard import DashboardOptions, dashboard, dashboard_server
 
     options = DashboardOptions(top_k=a.top_k, context=a.context, per_bucket=a.per_bucket)
     site = dashboard(a.store, a.sae, a.harvest, out=a.out, logits=not a.no_logits, device=a.device,
@@ -193,8 +193,8 @@ def add_attribute_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_attribute(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.attribute import attribute, attribution_dir
-    from schemas.attribution import AttributeRuntime
+    from actstore.flows.attribute import attribute, attribution_dir
+    from actstore.schemas.attribution import AttributeRuntime
 
     runtime = AttributeRuntime(device=a.device, batch_tokens=a.batch_tokens, allow_mismatch=a.allow_mismatch,
                                progress=not a.no_progress)
@@ -215,8 +215,8 @@ def add_direction_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_direction(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.directions import direction
-    from schemas.directions import DirectionConfig
+    from actstore.flows.directions import direction
+    from actstore.schemas.directions import DirectionConfig
 
     manifest = direction(a.store, DirectionConfig(harvest_id=a.harvest, site=a.site, positive=a.positive,
                                                   negative=a.negative, split=a.split))

@@ -19,9 +19,9 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from flows.harvest import cached_model, harvest_model, harvest_model_label
-from flows.saes import open_sae, sae_on_site, stored_sae_id
-from schemas.attribution import (
+from actstore.flows.harvest import cached_model, harvest_model, harvest_model_label
+from actstore.flows.saes import open_sae, sae_on_site, stored_sae_id
+from actstore.schemas.attribution import (
     ATTRIBUTION_DIR,
     LOGIT_WEIGHTS_NAME,
     LOGIT_WEIGHTS_SCHEMA,
@@ -32,13 +32,13 @@ from schemas.attribution import (
     AttributeConfig,
     AttributeRuntime,
 )
-from schemas.errors import UserError
-from schemas.harvest import gradient_array
-from schemas.manifest import Manifest
-from store.activations import LOSS_SITE, ActivationArray, chunk_rows
-from store.evals import TableAppender, write_table
-from store.features import FeatureWriter, read_index
-from store.objects import (
+from actstore.schemas.errors import UserError
+from actstore.schemas.harvest import gradient_array
+from actstore.schemas.manifest import Manifest
+from actstore.store.activations import LOSS_SITE, ActivationArray, chunk_rows
+from actstore.store.evals import TableAppender, write_table
+from actstore.store.features import FeatureWriter, read_index
+from actstore.store.objects import (
     code_version,
     published_manifest,
     read_manifest,
@@ -46,11 +46,11 @@ from store.objects import (
     utc_now,
     write_manifest,
 )
-from store.root import Store
-from transforms.attribution import attribute_batch, unit_directions
-from transforms.logit_weights import top_tokens, unembedding
-from transforms.models import load_tokenizer, pick_device
-from transforms.sae import SAE, check_compatible
+from actstore.store.root import Store
+from actstore.transforms.attribution import attribute_batch, unit_directions
+from actstore.transforms.logit_weights import top_tokens, unembedding
+from actstore.transforms.models import load_tokenizer, pick_device
+from actstore.transforms.sae import SAE, check_compatible
 
 TERMS = ("feature", "bias", "error", "total")
 """The parts of x.g that the per-token table holds and the manifest sums."""

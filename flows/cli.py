@@ -14,7 +14,7 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from flows.analysis_cli import (
+from actstore.flows.analysis_cli import (
     add_attribute_args,
     add_dashboard_args,
     add_direction_args,
@@ -28,10 +28,10 @@ from flows.analysis_cli import (
     cmd_synthetic,
     cmd_transfer,
 )
-from flows.forecast_cli import add_forecast_args, cmd_forecast
-from flows.query_cli import add_query_args
-from schemas.errors import UserError
-from store.root import DEFAULT_ROOT, Store
+from actstore.flows.forecast_cli import add_forecast_args, cmd_forecast
+from actstore.flows.query_cli import add_query_args
+from actstore.schemas.errors import UserError
+from actstore.store.root import DEFAULT_ROOT, Store
 
 
 class _OneLineUserErrors(logging.Filter):
@@ -81,8 +81,8 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 
 def _corpus_config(a: argparse.Namespace) -> Any:
-    from schemas.corpus import CorpusConfig
-    from schemas.model import ModelConfig
+    from actstore.schemas.corpus import CorpusConfig
+    from actstore.schemas.model import ModelConfig
 
     return CorpusConfig(
         source=a.source, paths=tuple(a.path), hf_name=a.hf_name, hf_config=a.hf_config, hf_split=a.hf_split,
@@ -93,7 +93,7 @@ def _corpus_config(a: argparse.Namespace) -> Any:
 
 
 def cmd_ingest(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.ingest import ingest
+    from actstore.flows.ingest import ingest
 
     manifest = ingest(a.store, _corpus_config(a))
     return {"corpus_id": manifest.id, **manifest.counts}
@@ -128,9 +128,9 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
 
 
 def _harvest_config(a: argparse.Namespace, store_root: str) -> Any:
-    from schemas.harvest import HarvestConfig
-    from schemas.model import ModelConfig, ModelControl
-    from store.root import Store
+    from actstore.schemas.harvest import HarvestConfig
+    from actstore.schemas.model import ModelConfig, ModelControl
+    from actstore.store.root import Store
 
     if a.control is None and (a.control_scale is not None or a.control_keep_embeddings):
         raise UserError("--control-scale and --control-keep-embeddings need --control reinit|permute|perturb")
@@ -150,7 +150,7 @@ def _harvest_config(a: argparse.Namespace, store_root: str) -> Any:
 
 def parse_intervention(kind: str, text: str) -> Any:
     """`DIRECTION_ID@SITE[,SITE]` (ablate) or `DIRECTION_ID@SITE[,SITE]:ALPHA` (add)."""
-    from schemas.directions import Intervention
+    from actstore.schemas.directions import Intervention
 
     form = "DIRECTION_ID@SITE[,SITE]" + (":ALPHA" if kind == "add" else "")
     head, _, alpha = text.rpartition(":") if kind == "add" else (text, "", "")
@@ -166,8 +166,8 @@ def parse_intervention(kind: str, text: str) -> Any:
 
 
 def cmd_harvest(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.harvest import harvest
-    from schemas.harvest import HarvestRuntime
+    from actstore.flows.harvest import harvest
+    from actstore.schemas.harvest import HarvestRuntime
 
     runtime = HarvestRuntime(device=a.device, threads=a.threads, progress=not a.no_progress)
     manifest = harvest(a.store, _harvest_config(a, a.store), runtime)
@@ -189,8 +189,8 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_encode(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.encode import encode
-    from schemas.encode import EncodeRuntime
+    from actstore.flows.encode import encode
+    from actstore.schemas.encode import EncodeRuntime
 
     runtime = EncodeRuntime(device=a.device, batch_tokens=a.batch_tokens, allow_mismatch=a.allow_mismatch,
                             progress=not a.no_progress)
@@ -201,7 +201,7 @@ def cmd_encode(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.query_cli import print_frame, run_query
+    from actstore.flows.query_cli import print_frame, run_query
 
     frame = run_query(a)
     if not a.json:
@@ -228,8 +228,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_run_from_args(a: argparse.Namespace) -> Any:
-    from schemas.train import TrainConfig
-    from schemas.train_run import TrainRun
+    from actstore.schemas.train import TrainConfig
+    from actstore.schemas.train_run import TrainRun
 
     k = None if a.architecture in ("jumprelu", "standard") else (int(a.k) if a.architecture == "topk" else a.k)
     train = TrainConfig(architecture=a.architecture, d_sae=a.d_sae, expansion_factor=None if a.d_sae else 4, k=k,
@@ -239,7 +239,7 @@ def train_run_from_args(a: argparse.Namespace) -> Any:
 
 
 def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.train import train
+    from actstore.flows.train import train
 
     manifest = train(a.store, train_run_from_args(a), progress=not a.no_progress)
     return {"sae_id": manifest.id, **manifest.counts, **manifest.extra["eval_holdout"],
@@ -262,7 +262,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
-    from store.exports import export_activations, export_features
+    from actstore.store.exports import export_activations, export_features
 
     store = Store(a.store)
     rows = tuple(int(x) for x in a.rows.split(":")) if a.rows else None
@@ -285,7 +285,7 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_ls(a: argparse.Namespace) -> dict[str, Any]:
-    from store.root import Store
+    from actstore.store.root import Store
 
     entries = Store(a.store).ls()
     if not a.json:
@@ -311,9 +311,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.pipeline import run_pipeline
-    from flows.pipeline_report import summary_markdown
-    from schemas.pipeline import load_pipeline_config
+    from actstore.flows.pipeline import run_pipeline
+    from actstore.flows.pipeline_report import summary_markdown
+    from actstore.schemas.pipeline import load_pipeline_config
 
     summary = run_pipeline(a.config, a.dask, a.workers, a.store)
     if not a.json:
@@ -331,14 +331,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.serve import serve_pipeline
+    from actstore.flows.serve import serve_pipeline
 
     serve_pipeline(a.config, a.database_url, a.port, a.dask, a.workers)
     return {}
 
 
 def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.demo import run_demo
+    from actstore.flows.demo import run_demo
 
     return run_demo(a.store, tokens=a.tokens, layer=a.layer, device=a.device, train_tokens=a.train_tokens)
 

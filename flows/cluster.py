@@ -18,7 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner
 
-from schemas.errors import UserError
+from actstore.schemas.errors import UserError
 
 SHARDS_PER_WORKER = 4
 """Default shards per worker and step: enough to balance uneven workers, few enough to keep task overhead low."""

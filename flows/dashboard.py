@@ -23,18 +23,18 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.dashboard_data import DEFAULT_OPTIONS, DashboardOptions, gather
-from flows.dashboard_pages import LogitTokens, SiteInfo, write_site
-from flows.dashboard_plots import write_plots
-from flows.dashboard_results import gather_results
-from flows.harvest import cached_model
-from schemas.errors import UserError
-from schemas.model import ModelConfig
-from store.objects import read_manifest, staged_directory
-from store.root import Store
-from transforms.logit_weights import top_tokens, unembedding
-from transforms.models import load_tokenizer, pick_device
-from transforms.sae import load
+from actstore.flows.dashboard_data import DEFAULT_OPTIONS, DashboardOptions, gather
+from actstore.flows.dashboard_pages import LogitTokens, SiteInfo, write_site
+from actstore.flows.dashboard_plots import write_plots
+from actstore.flows.dashboard_results import gather_results
+from actstore.flows.harvest import cached_model
+from actstore.schemas.errors import UserError
+from actstore.schemas.model import ModelConfig
+from actstore.store.objects import read_manifest, staged_directory
+from actstore.store.root import Store
+from actstore.transforms.logit_weights import top_tokens, unembedding
+from actstore.transforms.models import load_tokenizer, pick_device
+from actstore.transforms.sae import load
 
 DASHBOARDS_DIR = "dashboards"
 RECORD_NAME = "dashboard.json"

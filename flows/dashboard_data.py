@@ -20,9 +20,9 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from schemas.errors import UserError
-from schemas.features import PartRange
-from store.feature_queries import FeatureQueries
+from actstore.schemas.errors import UserError
+from actstore.schemas.features import PartRange
+from actstore.store.feature_queries import FeatureQueries
 
 SECTIONS = ("top", "quantile")
 """Example sections of a feature page, in the order of the `section` code."""

@@ -15,11 +15,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import polars as pl
 
-from schemas.attribution import ATTRIBUTION_DIR, PER_FEATURE_NAME
-from schemas.eval_tables import DOWNSTREAM_FIELDS, RECONSTRUCTION_FIELDS
-from store.objects import read_manifest
-from store.root import Store
-from transforms.scaling_fit import PowerLawFit, fit_single
+from actstore.schemas.attribution import ATTRIBUTION_DIR, PER_FEATURE_NAME
+from actstore.schemas.eval_tables import DOWNSTREAM_FIELDS, RECONSTRUCTION_FIELDS
+from actstore.store.objects import read_manifest
+from actstore.store.root import Store
+from actstore.transforms.scaling_fit import PowerLawFit, fit_single
 
 PER_TOKEN_POINTS = 20_000
 """Tokens drawn (seeded) for the per-token scatter: enough to see its shape, few enough for a quick plot."""

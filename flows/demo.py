@@ -15,25 +15,25 @@ import numpy as np
 import polars as pl
 from prefect import flow
 
-from flows.attribute import attribute, attribution_dir
-from flows.dashboard import dashboard
-from flows.encode import encode
-from flows.eval import evaluate
-from flows.forecast_cli import demo_forecast
-from flows.harvest import cached_model, harvest
-from flows.ingest import ingest
-from flows.train import train
-from schemas.attribution import AttributeRuntime
-from schemas.corpus import CorpusConfig
-from schemas.encode import EncodeRuntime
-from schemas.eval import EvalConfig, EvalRuntime
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig, ModelControl
-from schemas.train import TrainConfig
-from schemas.train_run import TrainRun
-from store.root import Store
-from transforms.models import load_tokenizer, pick_device
-from transforms.sites import n_layers
+from actstore.flows.attribute import attribute, attribution_dir
+from actstore.flows.dashboard import dashboard
+from actstore.flows.encode import encode
+from actstore.flows.eval import evaluate
+from actstore.flows.forecast_cli import demo_forecast
+from actstore.flows.harvest import cached_model, harvest
+from actstore.flows.ingest import ingest
+from actstore.flows.train import train
+from actstore.schemas.attribution import AttributeRuntime
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.encode import EncodeRuntime
+from actstore.schemas.eval import EvalConfig, EvalRuntime
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig, ModelControl
+from actstore.schemas.train import TrainConfig
+from actstore.schemas.train_run import TrainRun
+from actstore.store.root import Store
+from actstore.transforms.models import load_tokenizer, pick_device
+from actstore.transforms.sites import n_layers
 
 CTX_LEN = 128
 CE_TOKENS = 2048

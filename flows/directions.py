@@ -13,21 +13,21 @@ import torch
 from prefect import flow, task
 from safetensors.torch import load_file, save_file
 
-from schemas.directions import DIRECTION_FILE, DirectionConfig, Intervention
-from schemas.errors import UserError
-from schemas.manifest import Manifest
-from store.activations import chunk_rows
-from store.exports import token_predicate
-from store.objects import (
+from actstore.schemas.directions import DIRECTION_FILE, DirectionConfig, Intervention
+from actstore.schemas.errors import UserError
+from actstore.schemas.manifest import Manifest
+from actstore.store.activations import chunk_rows
+from actstore.store.exports import token_predicate
+from actstore.store.objects import (
     code_version,
     read_manifest,
     staged_object,
     utc_now,
     write_manifest,
 )
-from store.root import Store
-from transforms.directions import DiffInMeans, activation_addition, directional_ablation
-from transforms.splice import Replacement
+from actstore.store.root import Store
+from actstore.transforms.directions import DiffInMeans, activation_addition, directional_ablation
+from actstore.transforms.splice import Replacement
 
 
 def _labels(store: Store, config: DirectionConfig, n_tokens: int, corpus_id: str) -> np.ndarray:

@@ -16,18 +16,18 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from flows.harvest import activation_sites, harvest_model_label
-from flows.saes import open_sae, sae_on_site, stored_sae_id
-from flows.writer_thread import BackgroundWriter
-from schemas.encode import EncodeConfig, EncodeRuntime
-from schemas.errors import UserError
-from schemas.manifest import Manifest
-from store.activations import chunk_rows
-from store.features import FeatureWriter, read_index
-from store.objects import code_version, explain_os_error, read_manifest, utc_now, write_manifest
-from store.root import Store
-from transforms.models import pick_device
-from transforms.sae import SAE, check_compatible
+from actstore.flows.harvest import activation_sites, harvest_model_label
+from actstore.flows.saes import open_sae, sae_on_site, stored_sae_id
+from actstore.flows.writer_thread import BackgroundWriter
+from actstore.schemas.encode import EncodeConfig, EncodeRuntime
+from actstore.schemas.errors import UserError
+from actstore.schemas.manifest import Manifest
+from actstore.store.activations import chunk_rows
+from actstore.store.features import FeatureWriter, read_index
+from actstore.store.objects import code_version, explain_os_error, read_manifest, utc_now, write_manifest
+from actstore.store.root import Store
+from actstore.transforms.models import pick_device
+from actstore.transforms.sae import SAE, check_compatible
 
 
 def sparse_chunk(sae: SAE, x: torch.Tensor, first_tok: int, batch_tokens: int) -> tuple[np.ndarray, ...]:

@@ -18,22 +18,22 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from flows.directions import intervention_replacements
-from flows.harvest import cached_model, harvest_model
-from flows.saes import sae_on_site
-from schemas.directions import Intervention
-from schemas.errors import UserError
-from schemas.eval import EvalConfig, EvalRuntime
-from schemas.eval_tables import (
+from actstore.flows.directions import intervention_replacements
+from actstore.flows.harvest import cached_model, harvest_model
+from actstore.flows.saes import sae_on_site
+from actstore.schemas.directions import Intervention
+from actstore.schemas.errors import UserError
+from actstore.schemas.eval import EvalConfig, EvalRuntime
+from actstore.schemas.eval_tables import (
     DENSITY_HISTOGRAM_SCHEMA,
     EVAL_SUMMARY_SCHEMA,
     PER_FEATURE_SCHEMA,
     PER_TOKEN_SCHEMA,
 )
-from schemas.manifest import Manifest
-from store.activations import ActivationArray, chunk_rows
-from store.evals import TableAppender, write_table
-from store.objects import (
+from actstore.schemas.manifest import Manifest
+from actstore.store.activations import ActivationArray, chunk_rows
+from actstore.store.evals import TableAppender, write_table
+from actstore.store.objects import (
     code_version,
     published_manifest,
     read_manifest,
@@ -41,13 +41,20 @@ from store.objects import (
     utc_now,
     write_manifest,
 )
-from store.root import Store
-from store.tokens import read_windows
-from transforms.models import pick_device
-from transforms.sae import SAE
-from transforms.sae_eval import ReconstructionStats, density_histogram
-from transforms.sites import resolve_sites
-from transforms.splice import Splice, ce_recovered, downstream, mean_replacement, sae_replacement, zero_replacement
+from actstore.store.root import Store
+from actstore.store.tokens import read_windows
+from actstore.transforms.models import pick_device
+from actstore.transforms.sae import SAE
+from actstore.transforms.sae_eval import ReconstructionStats, density_histogram
+from actstore.transforms.sites import resolve_sites
+from actstore.transforms.splice import (
+    Splice,
+    ce_recovered,
+    downstream,
+    mean_replacement,
+    sae_replacement,
+    zero_replacement,
+)
 
 OUTLIER_SAMPLE_TOKENS = 65_536
 """Tokens whose median activation norm sets the outlier threshold (the first ones of the split, in order)."""

@@ -15,15 +15,15 @@ import numpy as np
 import polars as pl
 from prefect import flow, task
 
-from flows.forecast_runs import harvest_tables, model_keys, sae_rows
-from flows.harvest import harvest_model
-from schemas.errors import UserError
-from schemas.forecast import LAWS, LM_LAWS, ForecastConfig, law_variables
-from schemas.forecast_tables import POSITIONS_SCHEMA, RUNS_SCHEMA, SAES_SCHEMA, TABLES
-from schemas.manifest import Manifest
-from store.activations import LOSS_SITE
-from store.evals import write_table
-from store.objects import (
+from actstore.flows.forecast_runs import harvest_tables, model_keys, sae_rows
+from actstore.flows.harvest import harvest_model
+from actstore.schemas.errors import UserError
+from actstore.schemas.forecast import LAWS, LM_LAWS, ForecastConfig, law_variables
+from actstore.schemas.forecast_tables import POSITIONS_SCHEMA, RUNS_SCHEMA, SAES_SCHEMA, TABLES
+from actstore.schemas.manifest import Manifest
+from actstore.store.activations import LOSS_SITE
+from actstore.store.evals import write_table
+from actstore.store.objects import (
     code_version,
     published_manifest,
     read_manifest,
@@ -31,10 +31,10 @@ from store.objects import (
     utc_now,
     write_manifest,
 )
-from store.root import Store
-from transforms.scaling import FitBootstrap, bootstrap_fit, reducible_loss
-from transforms.scaling import forecast as predict
-from transforms.scaling_fit import fit_power_law
+from actstore.store.root import Store
+from actstore.transforms.scaling import FitBootstrap, bootstrap_fit, reducible_loss
+from actstore.transforms.scaling import forecast as predict
+from actstore.transforms.scaling_fit import fit_power_law
 
 Rows = list[dict[str, Any]]
 

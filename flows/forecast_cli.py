@@ -6,10 +6,10 @@ from typing import Any
 
 import polars as pl
 
-from schemas.errors import UserError
-from schemas.forecast import LAWS, LM_LAWS, TARGET_VARIABLES, ForecastConfig
-from schemas.manifest import Manifest
-from store.root import Store
+from actstore.schemas.errors import UserError
+from actstore.schemas.forecast import LAWS, LM_LAWS, TARGET_VARIABLES, ForecastConfig
+from actstore.schemas.manifest import Manifest
+from actstore.store.root import Store
 
 
 def add_forecast_args(p: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def config_from_args(a: argparse.Namespace) -> ForecastConfig:
 
 
 def cmd_forecast(a: argparse.Namespace) -> dict[str, Any]:
-    from flows.forecast import forecast
+    from actstore.flows.forecast import forecast
 
     manifest = forecast(a.store, config_from_args(a))
     if not a.json:
@@ -135,7 +135,7 @@ def _interval(row: dict[str, Any], fmt: str = ".3f", prefix: str = "") -> str:
 
 def demo_forecast(store_root: str, harvest_id: str) -> list[str]:
     """Loss against position in context on one harvest, forecast at 2x and 4x its context: printable lines."""
-    from flows.forecast import forecast
+    from actstore.flows.forecast import forecast
 
     config = ForecastConfig(harvest_ids=(harvest_id,), laws=("loss_vs_position",))
     return forecast_lines(store_root, forecast(store_root, config))

@@ -20,16 +20,16 @@ import polars as pl
 import torch
 from transformers import AutoModelForCausalLM
 
-from flows.harvest import harvest_model
-from schemas.errors import UserError
-from schemas.forecast import ForecastConfig
-from schemas.ids import slug
-from schemas.model import ModelConfig
-from store.activations import LOSS_SITE
-from store.objects import read_manifest
-from store.root import Store
-from transforms.bootstrap import mean_with_interval
-from transforms.models import load_model_config
+from actstore.flows.harvest import harvest_model
+from actstore.schemas.errors import UserError
+from actstore.schemas.forecast import ForecastConfig
+from actstore.schemas.ids import slug
+from actstore.schemas.model import ModelConfig
+from actstore.store.activations import LOSS_SITE
+from actstore.store.objects import read_manifest
+from actstore.store.root import Store
+from actstore.transforms.bootstrap import mean_with_interval
+from actstore.transforms.models import load_model_config
 
 EVAL_COLUMNS = ("eval_id", "sae_id", "harvest_id", "site", "split", "d_sae", "l0", "nmse", "fvu", "ce_clean",
                 "ce_spliced")

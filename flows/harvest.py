@@ -19,15 +19,21 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from flows.directions import intervention_replacements
-from flows.writer_thread import BackgroundWriter
-from schemas.arrays import ActivationAttrs
-from schemas.errors import UserError
-from schemas.harvest import DEFAULT_CHUNK_TOKENS, GRADIENT_SUFFIX, HarvestConfig, HarvestRuntime, gradient_array
-from schemas.manifest import Manifest
-from schemas.model import ModelConfig
-from store.activations import LOSS_SITE, SHARD_LOCKS, ArraySpec, HarvestArrays, disk_bytes, done_chunks
-from store.objects import (
+from actstore.flows.directions import intervention_replacements
+from actstore.flows.writer_thread import BackgroundWriter
+from actstore.schemas.arrays import ActivationAttrs
+from actstore.schemas.errors import UserError
+from actstore.schemas.harvest import (
+    DEFAULT_CHUNK_TOKENS,
+    GRADIENT_SUFFIX,
+    HarvestConfig,
+    HarvestRuntime,
+    gradient_array,
+)
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.model import ModelConfig
+from actstore.store.activations import LOSS_SITE, SHARD_LOCKS, ArraySpec, HarvestArrays, disk_bytes, done_chunks
+from actstore.store.objects import (
     code_version,
     explain_os_error,
     object_lock,
@@ -36,13 +42,13 @@ from store.objects import (
     utc_now,
     write_manifest,
 )
-from store.root import Store
-from store.tokens import read_windows
-from transforms.capture import Capture, CaptureResult, first_nonfinite
-from transforms.gradients import GradientCapture, GradientResult, check_logit_diff_tokens
-from transforms.models import load_model, max_context, model_dtype_name, pick_device
-from transforms.sites import SiteSpec, resolve_sites
-from transforms.splice import Splice
+from actstore.store.root import Store
+from actstore.store.tokens import read_windows
+from actstore.transforms.capture import Capture, CaptureResult, first_nonfinite
+from actstore.transforms.gradients import GradientCapture, GradientResult, check_logit_diff_tokens
+from actstore.transforms.models import load_model, max_context, model_dtype_name, pick_device
+from actstore.transforms.sites import SiteSpec, resolve_sites
+from actstore.transforms.splice import Splice
 
 
 class HarvestPlan(NamedTuple):

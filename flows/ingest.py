@@ -7,21 +7,21 @@ from typing import Any
 import polars as pl
 from prefect import flow, task
 
-from schemas.corpus import CorpusConfig
-from schemas.ids import make_id
-from schemas.manifest import Manifest
-from store.objects import (
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.ids import make_id
+from actstore.schemas.manifest import Manifest
+from actstore.store.objects import (
     code_version,
     read_manifest,
     staged_object,
     utc_now,
     write_manifest,
 )
-from store.root import Store
-from store.sources import iter_documents
-from store.tokens import scan_tokens, write_token_table
-from transforms.models import load_tokenizer
-from transforms.packing import pack_documents
+from actstore.store.root import Store
+from actstore.store.sources import iter_documents
+from actstore.store.tokens import scan_tokens, write_token_table
+from actstore.transforms.models import load_tokenizer
+from actstore.transforms.packing import pack_documents
 
 
 def corpus_identity(config: CorpusConfig) -> dict[str, Any]:

@@ -20,29 +20,29 @@ from prefect.context import TaskRunContext
 from prefect.settings import get_current_settings
 from transformers import AutoModelForCausalLM
 
-from flows.cluster import Cluster, connect, on_model_device, run_shards, shard_ranges
-from flows.dashboard import RECORD_NAME, dashboard, default_site_dir
-from flows.encode import encode_shard, finish_features, prepare_encode
-from flows.eval import evaluate_sae
-from flows.harvest import HarvestPlan, harvest_shard, plan_harvest, prepare_arrays, publish_harvest
-from flows.ingest import ingest
-from flows.pipeline_report import report
-from flows.train import train
-from schemas.encode import EncodeConfig, EncodeRuntime
-from schemas.errors import UserError
-from schemas.eval import EvalConfig, EvalRuntime
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.ids import content_hash
-from schemas.manifest import Manifest
-from schemas.model import ModelConfig
-from schemas.pipeline import PipelineConfig, RunSettings, load_pipeline_config, resolve_store
-from schemas.train_run import TrainRun
-from store.activations import done_chunks
-from store.features import stored_chunks
-from store.objects import read_manifest
-from store.root import Store
-from transforms.models import load_model_config
-from transforms.sites import resolve_sites
+from actstore.flows.cluster import Cluster, connect, on_model_device, run_shards, shard_ranges
+from actstore.flows.dashboard import RECORD_NAME, dashboard, default_site_dir
+from actstore.flows.encode import encode_shard, finish_features, prepare_encode
+from actstore.flows.eval import evaluate_sae
+from actstore.flows.harvest import HarvestPlan, harvest_shard, plan_harvest, prepare_arrays, publish_harvest
+from actstore.flows.ingest import ingest
+from actstore.flows.pipeline_report import report
+from actstore.flows.train import train
+from actstore.schemas.encode import EncodeConfig, EncodeRuntime
+from actstore.schemas.errors import UserError
+from actstore.schemas.eval import EvalConfig, EvalRuntime
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.ids import content_hash
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.pipeline import PipelineConfig, RunSettings, load_pipeline_config, resolve_store
+from actstore.schemas.train_run import TrainRun
+from actstore.store.activations import done_chunks
+from actstore.store.features import stored_chunks
+from actstore.store.objects import read_manifest
+from actstore.store.root import Store
+from actstore.transforms.models import load_model_config
+from actstore.transforms.sites import resolve_sites
 
 
 def check_pipeline(config: PipelineConfig) -> None:
@@ -299,7 +299,7 @@ def run_pipeline(config_path: str, dask_address: str | None = None, workers: int
     check_pipeline(config)
     if (dask_address or workers or config.run.dask_address or config.run.workers) and not os.environ.get(
             "PREFECT_API_URL"):
-        from flows.prefect_server import ensure_api
+        from actstore.flows.prefect_server import ensure_api
 
         ensure_api()
     return pipeline(str(path.resolve()), dask_address, workers, store)

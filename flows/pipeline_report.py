@@ -4,8 +4,8 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from schemas.ids import slug
-from schemas.pipeline import PipelineConfig
+from actstore.schemas.ids import slug
+from actstore.schemas.pipeline import PipelineConfig
 
 HEADLINE = ("l0", "explained_variance", "fvu", "ce_recovered_zero", "ce_recovered_mean", "ce_clean", "ce_spliced",
             "kl_spliced", "dead", "dense_1pct")

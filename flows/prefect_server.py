@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from schemas.errors import UserError
+from actstore.schemas.errors import UserError
 
 START_TIMEOUT_S = 120
 

@@ -5,8 +5,8 @@ from typing import Any
 
 import polars as pl
 
-from store.feature_queries import FeatureQueries
-from store.root import Store
+from actstore.store.feature_queries import FeatureQueries
+from actstore.store.root import Store
 
 
 def add_query_args(p: argparse.ArgumentParser) -> None:
@@ -30,8 +30,8 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
 
 def open_queries(a: argparse.Namespace) -> FeatureQueries:
     """The feature store with the harvest model's tokenizer for decoding."""
-    from schemas.model import ModelConfig
-    from transforms.models import load_tokenizer
+    from actstore.schemas.model import ModelConfig
+    from actstore.transforms.models import load_tokenizer
 
     store = Store(a.store)
     harvest = store.manifest("harvest", a.harvest)

@@ -9,14 +9,22 @@ from pathlib import Path
 
 import torch
 
-from flows.harvest import harvest_model_label
-from schemas.ids import make_id, slug
-from schemas.manifest import Manifest
-from schemas.sae import SAELENS_CFG, SAELENS_WEIGHTS
-from store.activations import ActivationArray
-from store.objects import TMP_MARK, code_version, explain_os_error, fsync_path, read_manifest, utc_now, write_manifest
-from store.root import Store
-from transforms.sae import SAE, check_compatible, load, save
+from actstore.flows.harvest import harvest_model_label
+from actstore.schemas.ids import make_id, slug
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.sae import SAELENS_CFG, SAELENS_WEIGHTS
+from actstore.store.activations import ActivationArray
+from actstore.store.objects import (
+    TMP_MARK,
+    code_version,
+    explain_os_error,
+    fsync_path,
+    read_manifest,
+    utc_now,
+    write_manifest,
+)
+from actstore.store.root import Store
+from actstore.transforms.sae import SAE, check_compatible, load, save
 
 
 def sae_readable(sae: SAE) -> str:

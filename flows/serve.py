@@ -14,10 +14,10 @@ from typing import Any
 from prefect import serve
 from prefect.schedules import Cron, Interval
 
-from flows.pipeline import check_pipeline, pipeline
-from flows.prefect_server import ensure_api
-from schemas.errors import UserError
-from schemas.pipeline import PipelineConfig, load_pipeline_config
+from actstore.flows.pipeline import check_pipeline, pipeline
+from actstore.flows.prefect_server import ensure_api
+from actstore.schemas.errors import UserError
+from actstore.schemas.pipeline import PipelineConfig, load_pipeline_config
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 """The folder holding the `flows` package (the repository, or site-packages for a wheel install)."""

@@ -17,16 +17,16 @@ import pyarrow as pa
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from flows.harvest import HarvestPlan
-from flows.ingest import flat_counts
-from flows.writer_thread import BackgroundWriter
-from schemas.arrays import ActivationAttrs
-from schemas.errors import UserError
-from schemas.manifest import Manifest
-from schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
-from schemas.tables import SPLITS, TOKEN_SCHEMA
-from store.activations import ArraySpec, HarvestArrays, disk_bytes, done_chunks
-from store.objects import (
+from actstore.flows.harvest import HarvestPlan
+from actstore.flows.ingest import flat_counts
+from actstore.flows.writer_thread import BackgroundWriter
+from actstore.schemas.arrays import ActivationAttrs
+from actstore.schemas.errors import UserError
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
+from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
+from actstore.store.activations import ArraySpec, HarvestArrays, disk_bytes, done_chunks
+from actstore.store.objects import (
     atomic_write_bytes,
     code_version,
     explain_os_error,
@@ -37,10 +37,10 @@ from store.objects import (
     utc_now,
     write_manifest,
 )
-from store.root import Store
-from store.tokens import write_token_table
-from transforms.packing import document_split
-from transforms.synthetic import mixture_parameters, sample_chunk
+from actstore.store.root import Store
+from actstore.store.tokens import write_token_table
+from actstore.transforms.packing import document_split
+from actstore.transforms.synthetic import mixture_parameters, sample_chunk
 
 GROUND_TRUTH = "ground_truth.npz"
 """The mixture's weights, means and stds, beside the arrays of a gaussian_mixture harvest."""

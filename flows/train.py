@@ -18,11 +18,11 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from flows.harvest import harvest_model_label
-from schemas.errors import UserError
-from schemas.manifest import Manifest
-from schemas.train_run import TrainRun
-from store.objects import (
+from actstore.flows.harvest import harvest_model_label
+from actstore.schemas.errors import UserError
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.train_run import TrainRun
+from actstore.store.objects import (
     atomic_write_json,
     code_version,
     explain_os_error,
@@ -32,11 +32,11 @@ from store.objects import (
     utc_now,
     write_manifest,
 )
-from store.root import Store
-from store.shards import ShardReader
-from transforms.sae import save
-from transforms.sae_eval import evaluate
-from transforms.sae_training import Trainer
+from actstore.store.root import Store
+from actstore.store.shards import ShardReader
+from actstore.transforms.sae import save
+from actstore.transforms.sae_eval import evaluate
+from actstore.transforms.sae_training import Trainer
 
 CHECKPOINT_POINTER = "checkpoint.json"
 LOG_NAME = "training_log.parquet"

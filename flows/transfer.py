@@ -16,11 +16,11 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from flows.eval import TokenPicker, evaluate
-from flows.harvest import activation_sites, cached_model, harvest_model
-from schemas.errors import UserError
-from schemas.eval import EvalConfig, EvalRuntime
-from schemas.eval_tables import (
+from actstore.flows.eval import TokenPicker, evaluate
+from actstore.flows.harvest import activation_sites, cached_model, harvest_model
+from actstore.schemas.errors import UserError
+from actstore.schemas.eval import EvalConfig, EvalRuntime
+from actstore.schemas.eval_tables import (
     FEATURE_TRANSFER_SCHEMA,
     HISTOGRAM_SCHEMA,
     SAE_TRANSFER_SCHEMA,
@@ -28,11 +28,11 @@ from schemas.eval_tables import (
     TRANSFER_PER_TOKEN_SCHEMA,
     TRANSFER_SUMMARY_SCHEMA,
 )
-from schemas.manifest import Manifest
-from schemas.transfer import TransferConfig
-from store.activations import chunk_rows
-from store.evals import TableAppender, write_table
-from store.objects import (
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.transfer import TransferConfig
+from actstore.store.activations import chunk_rows
+from actstore.store.evals import TableAppender, write_table
+from actstore.store.objects import (
     code_version,
     published_manifest,
     read_manifest,
@@ -40,11 +40,11 @@ from store.objects import (
     utc_now,
     write_manifest,
 )
-from store.root import Store
-from transforms.logit_weights import unembedding
-from transforms.models import pick_device
-from transforms.sae import load
-from transforms.transfer import (
+from actstore.store.root import Store
+from actstore.transforms.logit_weights import unembedding
+from actstore.transforms.models import pick_device
+from actstore.transforms.sae import load
+from actstore.transforms.transfer import (
     FeatureCorrelation,
     FeatureCorrelationResult,
     PairStats,

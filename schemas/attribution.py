@@ -23,7 +23,7 @@ positions, so a token's attribution counts its effect on every later prediction 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.harvest import GradientMetric
+from actstore.schemas.harvest import GradientMetric
 
 ATTRIBUTION_DIR = "attribution"
 """Subdirectory of a feature store directory (`store/features/<sae_id>/<harvest_id>/`) holding the attribution."""

@@ -4,8 +4,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.errors import UserError
-from schemas.model import ModelConfig
+from actstore.schemas.errors import UserError
+from actstore.schemas.model import ModelConfig
 
 SourceKind = Literal["text", "jsonl", "parquet", "hf", "pydocs"]
 
@@ -56,6 +56,6 @@ class CorpusConfig(BaseModel):
     def readable(self) -> str:
         """Readable fragment for the corpus id."""
         what = {"hf": self.hf_name or "hf", "pydocs": "pydocs"}.get(self.source, self.source)
-        from schemas.ids import slug
+        from actstore.schemas.ids import slug
 
         return f"{slug(what, 24)}-{self.tokenizer.short_name()}-c{self.ctx_len}"

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.errors import UserError
-from schemas.ids import make_id, slug
+from actstore.schemas.errors import UserError
+from actstore.schemas.ids import make_id, slug
 
 DIRECTION_FILE = "direction.safetensors"
 """`direction` (r = mean(positive) - mean(negative)), `unit` (r / ||r||), `mean_positive`, `mean_negative`,

@@ -2,7 +2,7 @@
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.features import ValueDtype
+from actstore.schemas.features import ValueDtype
 
 
 class EncodeConfig(BaseModel):

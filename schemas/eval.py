@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.ids import make_id
+from actstore.schemas.ids import make_id
 
 EvalSplit = Literal["holdout", "train", "all"]
 

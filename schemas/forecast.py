@@ -9,9 +9,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from schemas.errors import UserError
-from schemas.eval import EvalSplit
-from schemas.ids import make_id, slug
+from actstore.schemas.errors import UserError
+from actstore.schemas.eval import EvalSplit
+from actstore.schemas.ids import make_id, slug
 
 LawName = Literal["loss_vs_params", "loss_vs_params_tokens", "loss_vs_position", "sae_nmse", "sae_ce_delta"]
 LAWS: tuple[str, ...] = get_args(LawName)

@@ -6,7 +6,7 @@ bootstrap intervals at the config's level; their ends are null where a bootstrap
 
 import pyarrow as pa
 
-from schemas.forecast import TARGET_VARIABLES
+from actstore.schemas.forecast import TARGET_VARIABLES
 
 RUNS_SCHEMA = pa.schema([
     pa.field("harvest_id", pa.string(), nullable=False),

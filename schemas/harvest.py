@@ -12,11 +12,11 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.directions import Intervention
-from schemas.errors import UserError
-from schemas.ids import make_id
-from schemas.model import ModelConfig
-from schemas.sites import parse_site
+from actstore.schemas.directions import Intervention
+from actstore.schemas.errors import UserError
+from actstore.schemas.ids import make_id
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.sites import parse_site
 
 StoreDtype = Literal["model", "float32", "float16", "bfloat16"]
 

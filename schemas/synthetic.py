@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
-from schemas.errors import UserError
-from schemas.harvest import DEFAULT_CHUNK_TOKENS
-from schemas.ids import make_id
+from actstore.schemas.errors import UserError
+from actstore.schemas.harvest import DEFAULT_CHUNK_TOKENS
+from actstore.schemas.ids import make_id
 
 SyntheticKind = Literal["gaussian_mixture", "uniform_cube"]
 SYNTHETIC_SITE = "synthetic"

@@ -13,8 +13,8 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.errors import UserError
-from schemas.sae import SAEDtype
+from actstore.schemas.errors import UserError
+from actstore.schemas.sae import SAEDtype
 
 TrainArchitecture = Literal["topk", "batchtopk", "jumprelu", "standard"]
 TRAIN_ARCHITECTURES: tuple[str, ...] = get_args(TrainArchitecture)

@@ -2,8 +2,8 @@
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.ids import make_id, slug
-from schemas.train import RUNTIME_FIELDS, TrainConfig
+from actstore.schemas.ids import make_id, slug
+from actstore.schemas.train import RUNTIME_FIELDS, TrainConfig
 
 
 class TrainRun(BaseModel):

@@ -2,8 +2,8 @@
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.eval import EvalSplit
-from schemas.ids import make_id
+from actstore.schemas.eval import EvalSplit
+from actstore.schemas.ids import make_id
 
 
 class TransferConfig(BaseModel):

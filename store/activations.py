@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import zarr
 
-from schemas.arrays import PHYSICAL_DTYPE, ActivationAttrs
-from schemas.errors import UserError
-from schemas.manifest import MANIFEST_NAME
-from store.objects import atomic_write_bytes, fsync_path
+from actstore.schemas.arrays import PHYSICAL_DTYPE, ActivationAttrs
+from actstore.schemas.errors import UserError
+from actstore.schemas.manifest import MANIFEST_NAME
+from actstore.store.objects import atomic_write_bytes, fsync_path
 
 PROGRESS_DIR = "_progress"
 WRITES_LOG = "writes.log"

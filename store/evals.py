@@ -12,8 +12,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.manifest import MANIFEST_NAME
-from store.objects import TMP_MARK, fsync_path
+from actstore.schemas.manifest import MANIFEST_NAME
+from actstore.store.objects import TMP_MARK, fsync_path
 
 TABLE_COMPRESSION = "zstd"
 

@@ -59,14 +59,21 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.errors import UserError
-from schemas.features import BY_FEATURE_DIR, BY_TOKEN_DIR
-from schemas.ids import content_hash, make_id, slug
-from schemas.manifest import Manifest
-from schemas.tables import SPLITS, TOKEN_SCHEMA
-from store.activations import ActivationArray
-from store.objects import code_version, explain_os_error, read_manifest, staged_directory, utc_now, write_manifest
-from store.root import Store
+from actstore.schemas.errors import UserError
+from actstore.schemas.features import BY_FEATURE_DIR, BY_TOKEN_DIR
+from actstore.schemas.ids import content_hash, make_id, slug
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
+from actstore.store.activations import ActivationArray
+from actstore.store.objects import (
+    code_version,
+    explain_os_error,
+    read_manifest,
+    staged_directory,
+    utc_now,
+    write_manifest,
+)
+from actstore.store.root import Store
 
 FORMATS: tuple[str, ...] = ("parquet", "datasets", "npy", "safetensors")
 TOKEN_COLUMNS: tuple[str, ...] = ("doc", "seq", "pos", "token_id", "split")

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from schemas.errors import UserError
-from schemas.features import SUMMARY_NAME, PartRange
-from store.features import read_index
+from actstore.schemas.errors import UserError
+from actstore.schemas.features import SUMMARY_NAME, PartRange
+from actstore.store.features import read_index
 
 Decode = Callable[[Sequence[int]], str]
 Encode = Callable[[str], Sequence[int]]

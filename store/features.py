@@ -50,9 +50,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from schemas.attribution import ATTRIBUTION_DIR
-from schemas.errors import UserError
-from schemas.features import (
+from actstore.schemas.attribution import ATTRIBUTION_DIR
+from actstore.schemas.errors import UserError
+from actstore.schemas.features import (
     BY_FEATURE_DIR,
     BY_TOKEN_DIR,
     DEFAULT_QUANTILES,
@@ -66,7 +66,7 @@ from schemas.features import (
     summary_schema,
     triples_schema,
 )
-from store.objects import TMP_MARK, atomic_write_bytes, atomic_write_json, fsync_path, object_lock
+from actstore.store.objects import TMP_MARK, atomic_write_bytes, atomic_write_json, fsync_path, object_lock
 
 SPILL_DIR = "_spill"
 SHARD_LOCKS = "_shards"

@@ -18,8 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from schemas.errors import UserError
-from schemas.manifest import MANIFEST_NAME, Manifest
+from actstore.schemas.errors import UserError
+from actstore.schemas.manifest import MANIFEST_NAME, Manifest
 
 TMP_MARK = ".tmp-"
 LOCK_NAME = ".lock"

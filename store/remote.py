@@ -25,9 +25,9 @@ from typing import IO, Any
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas.errors import UserError
-from schemas.manifest import MANIFEST_NAME, Manifest
-from store.objects import LOCK_NAME, TMP_MARK, explain_os_error, fsync_path, object_lock, read_manifest
+from actstore.schemas.errors import UserError
+from actstore.schemas.manifest import MANIFEST_NAME, Manifest
+from actstore.store.objects import LOCK_NAME, TMP_MARK, explain_os_error, fsync_path, object_lock, read_manifest
 
 LOCAL_PROTOCOLS = ("file", "local")
 _AUTH_WORDS = ("credential", "authenticat", "unauthorized", "forbidden", "accessdenied", "expiredtoken")

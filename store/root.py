@@ -16,15 +16,15 @@ from typing import IO, Any, NamedTuple
 
 import polars as pl
 
-from schemas.attribution import ATTRIBUTION_DIR
-from schemas.errors import UserError
-from schemas.eval_tables import EVAL_SUMMARY_SCHEMA, TRANSFER_SUMMARY_SCHEMA
-from schemas.manifest import MANIFEST_NAME, Manifest
-from store.activations import ActivationArray, open_activation
-from store.evals import scan_results
-from store.feature_queries import Decode, Encode, FeatureQueries
-from store.objects import TMP_MARK, read_manifest
-from store.remote import RemoteRoot, is_remote, local_path
+from actstore.schemas.attribution import ATTRIBUTION_DIR
+from actstore.schemas.errors import UserError
+from actstore.schemas.eval_tables import EVAL_SUMMARY_SCHEMA, TRANSFER_SUMMARY_SCHEMA
+from actstore.schemas.manifest import MANIFEST_NAME, Manifest
+from actstore.store.activations import ActivationArray, open_activation
+from actstore.store.evals import scan_results
+from actstore.store.feature_queries import Decode, Encode, FeatureQueries
+from actstore.store.objects import TMP_MARK, read_manifest
+from actstore.store.remote import RemoteRoot, is_remote, local_path
 
 DEFAULT_ROOT = "./actstore-data"
 KIND_DIRS = {"corpus": "corpora", "harvest": "activations", "sae": "saes", "eval": "evals",

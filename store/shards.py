@@ -50,10 +50,10 @@ from zarr.codecs import BytesCodec
 from zarr.codecs.bytes import Endian
 from zarr.storage import LocalStore
 
-from schemas.errors import UserError
-from schemas.tables import SPLITS
-from store.activations import ActivationArray
-from store.root import Store
+from actstore.schemas.errors import UserError
+from actstore.schemas.tables import SPLITS
+from actstore.store.activations import ActivationArray
+from actstore.store.root import Store
 
 STATE_FORMAT = "actstore.shard_reader/1"
 """`format` of a saved reader state; a state of another format is refused rather than misread."""

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from schemas.corpus import CorpusConfig
-from schemas.errors import UserError
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.errors import UserError
 
 PARQUET_BATCH_ROWS = 1024
 """Rows per Parquet read: bounds memory for huge files while keeping per-batch overhead small."""

@@ -16,8 +16,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.errors import UserError
-from schemas.tables import SPLITS, TOKEN_SCHEMA
+from actstore.schemas.errors import UserError
+from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
 
 ROW_GROUP_ROWS = 131_072
 """Rows per Parquet row group: a harvest batch decodes at most a couple of groups (~0.5 MB of token ids)."""

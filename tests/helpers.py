@@ -28,7 +28,7 @@ def write_text_corpus(directory: Path, n_docs: int = 40, seed: int = 0) -> Path:
 
 def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run `actstore ARGS` in a fresh process, as a user would."""
-    result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "actstore", *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if check and result.returncode != 0:
         raise AssertionError(f"actstore {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -37,7 +37,7 @@ def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.Comp
 
 def cli_popen(*args: str) -> subprocess.Popen[str]:
     """Start `actstore ARGS` in its own process group (so a kill takes its children too)."""
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "actstore", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

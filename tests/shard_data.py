@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from schemas.arrays import ActivationAttrs, LogicalDtype
-from schemas.manifest import Manifest
-from schemas.tables import SPLITS, TOKEN_SCHEMA
-from store.activations import ArraySpec, HarvestArrays
-from store.objects import code_version, utc_now, write_manifest
-from store.root import Store
-from store.tokens import write_token_table
+from actstore.schemas.arrays import ActivationAttrs, LogicalDtype
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
+from actstore.store.activations import ArraySpec, HarvestArrays
+from actstore.store.objects import code_version, utc_now, write_manifest
+from actstore.store.root import Store
+from actstore.store.tokens import write_token_table
 
 
 class SyntheticStore(NamedTuple):

@@ -15,24 +15,24 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from flows.attribute import attribute, attribution_dir
-from flows.harvest import harvest
-from flows.ingest import ingest
-from schemas.attribution import LOGIT_WEIGHTS_NAME, PER_FEATURE_NAME, PER_TOKEN_NAME, AttributeRuntime
-from schemas.corpus import CorpusConfig
-from schemas.errors import UserError
-from schemas.harvest import HarvestConfig, HarvestRuntime, gradient_array
-from schemas.model import ModelConfig
-from schemas.sae import SAEConfig
-from store.root import Store
+from actstore.flows.attribute import attribute, attribution_dir
+from actstore.flows.harvest import harvest
+from actstore.flows.ingest import ingest
+from actstore.schemas.attribution import LOGIT_WEIGHTS_NAME, PER_FEATURE_NAME, PER_TOKEN_NAME, AttributeRuntime
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.errors import UserError
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime, gradient_array
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.sae import SAEConfig
+from actstore.store.root import Store
+from actstore.transforms.attribution import attribute_batch
+from actstore.transforms.gradients import GradientCapture
+from actstore.transforms.models import embedded_default_gguf, load_tokenizer
+from actstore.transforms.sae import SAE, load, save
+from actstore.transforms.sites import resolve_sites
+from actstore.transforms.splice import CLEAN, downstream
 from tests.helpers import WORDS, snapshot, write_text_corpus
 from tests.tiny_models import D_MODEL, build_tiny_model, embedded_model
-from transforms.attribution import attribute_batch
-from transforms.gradients import GradientCapture
-from transforms.models import embedded_default_gguf, load_tokenizer
-from transforms.sae import SAE, load, save
-from transforms.sites import resolve_sites
-from transforms.splice import CLEAN, downstream
 
 SITE = "blocks.1.hook_resid_post"
 LOSS_SITES = (SITE, "blocks.0.hook_mlp_out", "blocks.2.hook_resid_pre")

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-import transforms.capture as capture_module
-from schemas.errors import UserError
-from schemas.model import ModelConfig
+import actstore.transforms.capture as capture_module
+from actstore.schemas.errors import UserError
+from actstore.schemas.model import ModelConfig
+from actstore.transforms.capture import Capture, CaptureResult, first_nonfinite, truncated_forward
+from actstore.transforms.models import load_model
+from actstore.transforms.sites import SiteSpec, n_layers, resolve_sites, valid_site_names
 from tests.tiny_models import FAMILY_CONFIGS, N_LAYERS, build_tiny_model, embedded_model, model_type
-from transforms.capture import Capture, CaptureResult, first_nonfinite, truncated_forward
-from transforms.models import load_model
-from transforms.sites import SiteSpec, n_layers, resolve_sites, valid_site_names
 
 CPU = torch.device("cpu")
 UNMAPPED = ("granite", "mamba")

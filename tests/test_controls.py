@@ -12,16 +12,16 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from flows.harvest import harvest
-from flows.ingest import ingest
-from schemas.corpus import CorpusConfig
-from schemas.errors import UserError
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig, ModelControl
-from store.root import Store
+from actstore.flows.harvest import harvest
+from actstore.flows.ingest import ingest
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.errors import UserError
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig, ModelControl
+from actstore.store.root import Store
+from actstore.transforms.models import load_model
 from tests.helpers import ROOT, write_text_corpus
 from tests.tiny_models import FAMILY_CONFIGS, build_tiny_model, tiny_tokenizer
-from transforms.models import load_model
 
 CPU = torch.device("cpu")
 CONTROLS = [ModelControl(kind="reinit"), ModelControl(kind="permute"), ModelControl(kind="perturb", scale=0.05)]

@@ -16,28 +16,28 @@ import pyarrow as pa
 import pytest
 from matplotlib.image import imread
 
-from flows.dashboard import dashboard_server, serve_in_thread
-from flows.dashboard_data import DashboardOptions, FeatureData, gather
-from flows.dashboard_pages import LogitTokens, SiteInfo, display_text, write_site
-from flows.dashboard_plots import write_plots
-from flows.dashboard_results import MIN_WIDTHS_FOR_FIT, gather_results
-from schemas.attribution import ATTRIBUTION_DIR, PER_FEATURE_NAME
-from schemas.attribution import PER_FEATURE_SCHEMA as ATTRIBUTION_PER_FEATURE_SCHEMA
-from schemas.errors import UserError
-from schemas.eval_tables import (
+from actstore.flows.dashboard import dashboard_server, serve_in_thread
+from actstore.flows.dashboard_data import DashboardOptions, FeatureData, gather
+from actstore.flows.dashboard_pages import LogitTokens, SiteInfo, display_text, write_site
+from actstore.flows.dashboard_plots import write_plots
+from actstore.flows.dashboard_results import MIN_WIDTHS_FOR_FIT, gather_results
+from actstore.schemas.attribution import ATTRIBUTION_DIR, PER_FEATURE_NAME
+from actstore.schemas.attribution import PER_FEATURE_SCHEMA as ATTRIBUTION_PER_FEATURE_SCHEMA
+from actstore.schemas.errors import UserError
+from actstore.schemas.eval_tables import (
     EVAL_SUMMARY_SCHEMA,
     FEATURE_TRANSFER_SCHEMA,
     HISTOGRAM_SCHEMA,
     PER_TOKEN_SCHEMA,
     TRANSFER_SUMMARY_SCHEMA,
 )
-from schemas.manifest import Manifest
-from schemas.tables import SPLITS, TOKEN_SCHEMA
-from store.feature_queries import FeatureQueries
-from store.features import FeatureWriter
-from store.objects import write_manifest
-from store.root import Store
-from store.tokens import scan_tokens, write_token_table
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
+from actstore.store.feature_queries import FeatureQueries
+from actstore.store.features import FeatureWriter
+from actstore.store.objects import write_manifest
+from actstore.store.root import Store
+from actstore.store.tokens import scan_tokens, write_token_table
 
 D_SAE, CTX_LEN, N_SEQS = 48, 32, 24
 N_TOKENS = CTX_LEN * N_SEQS

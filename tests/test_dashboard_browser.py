@@ -14,25 +14,25 @@ import pytest
 import torch
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from flows.dashboard import RECORD_NAME, artifact_key, dashboard, dashboard_server, serve_in_thread
-from flows.dashboard_data import DashboardOptions
-from flows.encode import encode
-from flows.eval import evaluate
-from flows.harvest import cached_model, harvest
-from flows.ingest import ingest
-from flows.train import train
-from schemas.corpus import CorpusConfig
-from schemas.encode import EncodeRuntime
-from schemas.errors import UserError
-from schemas.eval import EvalConfig, EvalRuntime
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig
-from schemas.train import TrainConfig
-from schemas.train_run import TrainRun
-from store.root import Store
-from transforms.models import load_tokenizer
-from transforms.sae import load
-from transforms.sites import n_layers
+from actstore.flows.dashboard import RECORD_NAME, artifact_key, dashboard, dashboard_server, serve_in_thread
+from actstore.flows.dashboard_data import DashboardOptions
+from actstore.flows.encode import encode
+from actstore.flows.eval import evaluate
+from actstore.flows.harvest import cached_model, harvest
+from actstore.flows.ingest import ingest
+from actstore.flows.train import train
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.encode import EncodeRuntime
+from actstore.schemas.errors import UserError
+from actstore.schemas.eval import EvalConfig, EvalRuntime
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.train import TrainConfig
+from actstore.schemas.train_run import TrainRun
+from actstore.store.root import Store
+from actstore.transforms.models import load_tokenizer
+from actstore.transforms.sae import load
+from actstore.transforms.sites import n_layers
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

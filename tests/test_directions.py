@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.errors import UserError
-from schemas.model import ModelConfig
-from tests.test_models import assert_one_line_user_error
-from tests.tiny_models import embedded_model
-from transforms.capture import Capture
-from transforms.directions import (
+from actstore.schemas.errors import UserError
+from actstore.schemas.model import ModelConfig
+from actstore.transforms.capture import Capture
+from actstore.transforms.directions import (
     DiffInMeans,
     LeaceErasure,
     LinearProbe,
@@ -23,8 +21,10 @@ from transforms.directions import (
     mean_ablation,
     median_ablation,
 )
-from transforms.models import embedded_default_gguf, load_tokenizer
-from transforms.sites import resolve_sites
+from actstore.transforms.models import embedded_default_gguf, load_tokenizer
+from actstore.transforms.sites import resolve_sites
+from tests.test_models import assert_one_line_user_error
+from tests.tiny_models import embedded_model
 
 HIGH = 0.9
 """Held-out probe accuracy that counts as "the concept is linearly readable"."""

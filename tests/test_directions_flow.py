@@ -8,14 +8,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from flows.directions import direction, load_direction
-from flows.harvest import harvest
-from flows.ingest import ingest
-from schemas.corpus import CorpusConfig
-from schemas.directions import DirectionConfig, Intervention
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig
-from store.root import Store
+from actstore.flows.directions import direction, load_direction
+from actstore.flows.harvest import harvest
+from actstore.flows.ingest import ingest
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.directions import DirectionConfig, Intervention
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig
+from actstore.store.root import Store
 from tests.helpers import cli, last_line, snapshot, write_text_corpus
 from tests.tiny_models import build_tiny_model
 
@@ -106,9 +106,9 @@ def test_bad_directions_and_interventions_are_one_line(world: dict, tmp_path: Pa
 
 def test_an_evaluation_of_an_intervened_harvest_runs_the_intervened_model(world: dict) -> None:
     """The downstream pass must apply the harvest's interventions: its clean CE then equals the harvest's loss."""
-    from flows.eval import evaluate
-    from flows.saes import publish_sae
-    from schemas.eval import EvalConfig, EvalRuntime
+    from actstore.flows.eval import evaluate
+    from actstore.flows.saes import publish_sae
+    from actstore.schemas.eval import EvalConfig, EvalRuntime
     from tests.test_eval_flow import identity_sae
 
     store, root = Store(world["root"]), str(world["root"])

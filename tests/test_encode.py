@@ -13,18 +13,18 @@ import polars as pl
 import pytest
 import torch
 
-from flows.encode import encode
-from flows.harvest import harvest
-from flows.ingest import ingest
-from schemas.corpus import CorpusConfig
-from schemas.encode import EncodeRuntime
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig
-from schemas.sae import SAEConfig
-from store.root import Store
+from actstore.flows.encode import encode
+from actstore.flows.harvest import harvest
+from actstore.flows.ingest import ingest
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.encode import EncodeRuntime
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.sae import SAEConfig
+from actstore.store.root import Store
+from actstore.transforms.sae import SAE, save
 from tests.helpers import cli, cli_popen, last_line, snapshot, write_text_corpus
 from tests.tiny_models import build_tiny_model
-from transforms.sae import SAE, save
 
 SITE = "blocks.1.hook_resid_post"
 D_SAE, K = 96, 6

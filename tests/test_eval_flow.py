@@ -15,20 +15,20 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from flows.eval import evaluate
-from flows.harvest import harvest
-from flows.ingest import ingest
-from flows.saes import publish_sae
-from schemas.corpus import CorpusConfig
-from schemas.eval import EvalConfig, EvalRuntime
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig
-from schemas.sae import SAEConfig
-from store.objects import TMP_MARK
-from store.root import Store
+from actstore.flows.eval import evaluate
+from actstore.flows.harvest import harvest
+from actstore.flows.ingest import ingest
+from actstore.flows.saes import publish_sae
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.eval import EvalConfig, EvalRuntime
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.sae import SAEConfig
+from actstore.store.objects import TMP_MARK
+from actstore.store.root import Store
+from actstore.transforms.sae import SAE, save
 from tests.helpers import cli, cli_popen, last_line, snapshot, write_text_corpus
 from tests.tiny_models import build_tiny_model
-from transforms.sae import SAE, save
 
 SITE = "blocks.1.hook_resid_post"
 D, D_SAE, K, CTX = 32, 96, 6, 16

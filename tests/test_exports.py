@@ -20,10 +20,10 @@ import torch
 import zarr
 from safetensors import safe_open
 
-from schemas.errors import UserError
-from schemas.tables import SPLITS
-from store.exports import FORMATS, export_activations, export_features, verify_export
-from store.root import Store
+from actstore.schemas.errors import UserError
+from actstore.schemas.tables import SPLITS
+from actstore.store.exports import FORMATS, export_activations, export_features, verify_export
+from actstore.store.root import Store
 from tests.helpers import snapshot
 from tests.shard_data import SyntheticStore, write_synthetic_store
 

@@ -24,10 +24,10 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.errors import UserError
-from schemas.features import INDEX_NAME, quantile_column, triples_schema
-from store.feature_queries import FeatureQueries
-from store.features import FeatureWriter, descending_key, pack_bins, plan_buckets
+from actstore.schemas.errors import UserError
+from actstore.schemas.features import INDEX_NAME, quantile_column, triples_schema
+from actstore.store.feature_queries import FeatureQueries
+from actstore.store.features import FeatureWriter, descending_key, pack_bins, plan_buckets
 
 ROOT = Path(__file__).resolve().parent.parent
 D_SAE = 40

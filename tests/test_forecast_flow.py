@@ -11,25 +11,25 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from flows.eval import evaluate
-from flows.forecast import fit_laws, forecast
-from flows.forecast_cli import add_forecast_args, cmd_forecast, config_from_args, demo_forecast, forecast_lines
-from flows.forecast_runs import count_parameters, lookup
-from flows.harvest import cached_model, harvest
-from flows.ingest import ingest
-from flows.saes import publish_sae
-from schemas.corpus import CorpusConfig
-from schemas.errors import UserError
-from schemas.eval import EvalConfig, EvalRuntime
-from schemas.forecast import ForecastConfig
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig
-from schemas.sae import SAEConfig
-from store.root import Store
+from actstore.flows.eval import evaluate
+from actstore.flows.forecast import fit_laws, forecast
+from actstore.flows.forecast_cli import add_forecast_args, cmd_forecast, config_from_args, demo_forecast, forecast_lines
+from actstore.flows.forecast_runs import count_parameters, lookup
+from actstore.flows.harvest import cached_model, harvest
+from actstore.flows.ingest import ingest
+from actstore.flows.saes import publish_sae
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.errors import UserError
+from actstore.schemas.eval import EvalConfig, EvalRuntime
+from actstore.schemas.forecast import ForecastConfig
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.sae import SAEConfig
+from actstore.store.root import Store
+from actstore.transforms.models import embedded_default_gguf, load_model
+from actstore.transforms.sae import SAE
 from tests.helpers import snapshot, write_text_corpus
 from tests.tiny_models import tiny_tokenizer
-from transforms.models import embedded_default_gguf, load_model
-from transforms.sae import SAE
 
 SITE = "blocks.0.hook_resid_post"
 CTX = 16

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flows.harvest import cached_model, harvest
-from flows.ingest import ingest
-from schemas.corpus import CorpusConfig
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig
-from store.root import Store
+from actstore.flows.harvest import cached_model, harvest
+from actstore.flows.ingest import ingest
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig
+from actstore.store.root import Store
 from tests.helpers import write_text_corpus
 from tests.tiny_models import build_tiny_model
 

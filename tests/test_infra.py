@@ -33,8 +33,8 @@ from prefect.cli.deploy._models import DeploymentConfig, PrefectYamlModel, RawSc
 from prefect.server.schemas.schedules import CronSchedule
 from prefect.utilities.templating import apply_values
 
-from schemas.model import EMBEDDED_DEFAULT
-from schemas.pipeline import load_pipeline_config, resolve_store
+from actstore.schemas.model import EMBEDDED_DEFAULT
+from actstore.schemas.pipeline import load_pipeline_config, resolve_store
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"

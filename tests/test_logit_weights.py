@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from actstore.transforms.logit_weights import logit_weights, top_tokens, unembedding
 from tests.tiny_models import build_tiny_model
-from transforms.logit_weights import logit_weights, top_tokens, unembedding
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

@@ -7,11 +7,10 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-import transforms.models as models_module
-from schemas.errors import UserError
-from schemas.model import ModelConfig
-from tests.tiny_models import REQUIRED_FAMILIES, build_tiny_model, embedded_model, model_type
-from transforms.models import (
+import actstore.transforms.models as models_module
+from actstore.schemas.errors import UserError
+from actstore.schemas.model import ModelConfig
+from actstore.transforms.models import (
     embedded_default_gguf,
     load_model,
     load_tokenizer,
@@ -19,6 +18,7 @@ from transforms.models import (
     model_dtype_name,
     pick_device,
 )
+from tests.tiny_models import REQUIRED_FAMILIES, build_tiny_model, embedded_model, model_type
 
 CPU = torch.device("cpu")
 

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from schemas.corpus import CorpusConfig
-from schemas.errors import UserError
-from schemas.tables import TOKEN_SCHEMA
-from store.sources import iter_documents
-from transforms.packing import pack_documents
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.errors import UserError
+from actstore.schemas.tables import TOKEN_SCHEMA
+from actstore.store.sources import iter_documents
+from actstore.transforms.packing import pack_documents
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "away", "from", "home", "and"]
 

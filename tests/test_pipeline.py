@@ -15,11 +15,11 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName, TaskRunFi
 from prefect.client.schemas.sorting import FlowRunSort
 from transformers import AutoModelForCausalLM
 
-from flows.cli import main
-from flows.pipeline import pipeline
-from schemas.errors import UserError
-from schemas.pipeline import load_pipeline_config
-from store.root import Store
+from actstore.flows.cli import main
+from actstore.flows.pipeline import pipeline
+from actstore.schemas.errors import UserError
+from actstore.schemas.pipeline import load_pipeline_config
+from actstore.store.root import Store
 from tests.helpers import snapshot, stored_data, tiny_pipeline
 
 
@@ -183,7 +183,7 @@ def test_pipeline_on_an_object_store_root_publishes_every_object(tiny: Path, tmp
 
 
 def test_shards_cover_every_chunk_once_and_gpu_tasks_follow_the_cluster() -> None:
-    from flows.cluster import Cluster, shard_ranges, uses_gpu
+    from actstore.flows.cluster import Cluster, shard_ranges, uses_gpu
 
     for n_chunks, cluster, per in [(386, Cluster(), None), (386, Cluster(local_workers=2, workers=2), None),
                                    (10, Cluster(address="tcp://x:1", workers=3), 4), (1, Cluster(), None)]:

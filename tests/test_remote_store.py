@@ -16,15 +16,23 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.registry import known_implementations
 
-from flows.synthetic import GROUND_TRUTH, synthetic
-from schemas.errors import UserError
-from schemas.manifest import MANIFEST_NAME, Manifest
-from schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
-from store.features import FeatureWriter
-from store.objects import LOCK_NAME, TMP_MARK, code_version, object_lock, staged_directory, utc_now, write_manifest
-from store.remote import RemoteRoot, is_remote
-from store.root import CACHE_ENV, Store, cache_dir
-from transforms.synthetic import mixture_parameters, sample_chunk
+from actstore.flows.synthetic import GROUND_TRUTH, synthetic
+from actstore.schemas.errors import UserError
+from actstore.schemas.manifest import MANIFEST_NAME, Manifest
+from actstore.schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
+from actstore.store.features import FeatureWriter
+from actstore.store.objects import (
+    LOCK_NAME,
+    TMP_MARK,
+    code_version,
+    object_lock,
+    staged_directory,
+    utc_now,
+    write_manifest,
+)
+from actstore.store.remote import RemoteRoot, is_remote
+from actstore.store.root import CACHE_ENV, Store, cache_dir
+from actstore.transforms.synthetic import mixture_parameters, sample_chunk
 
 URL = "memory://actstore-remote/store"
 CONFIG = SyntheticConfig(kind="gaussian_mixture", n_tokens=2048, d=4, components=2, ctx_len=32, chunk_tokens=512,

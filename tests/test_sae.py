@@ -28,9 +28,9 @@ from sae_lens import (
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import save_file
 
-from schemas.errors import UserError
-from schemas.sae import SAEConfig
-from transforms.sae import SAE, check_compatible, load, save
+from actstore.schemas.errors import UserError
+from actstore.schemas.sae import SAEConfig
+from actstore.transforms.sae import SAE, check_compatible, load, save
 
 D_IN, D_SAE, K = 16, 64, 5
 SITE, MODEL = "blocks.3.hook_resid_post", "HuggingFaceTB/SmolLM2-135M"

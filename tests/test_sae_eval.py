@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.errors import UserError
-from schemas.sae import SAEConfig
-from transforms.sae import SAE
-from transforms.sae_eval import ReconstructionStats, density_histogram, evaluate, outlier_positions
+from actstore.schemas.errors import UserError
+from actstore.schemas.sae import SAEConfig
+from actstore.transforms.sae import SAE
+from actstore.transforms.sae_eval import ReconstructionStats, density_histogram, evaluate, outlier_positions
 
 N, D_IN, D_SAE = 240, 12, 20
 

@@ -16,14 +16,14 @@ import pytest
 import scipy.optimize
 import torch
 
-from schemas.errors import UserError
-from schemas.train import TrainConfig
-from transforms.sae import load, save
-from transforms.sae_eval import evaluate
-from transforms.sae_init import geometric_median
-from transforms.sae_train_ops import decode_sparse, gather_pre, jumprelu, select_batch_topk, select_topk, step
-from transforms.sae_train_state import STATE_JSON
-from transforms.sae_training import Trainer, learning_rate
+from actstore.schemas.errors import UserError
+from actstore.schemas.train import TrainConfig
+from actstore.transforms.sae import load, save
+from actstore.transforms.sae_eval import evaluate
+from actstore.transforms.sae_init import geometric_median
+from actstore.transforms.sae_train_ops import decode_sparse, gather_pre, jumprelu, select_batch_topk, select_topk, step
+from actstore.transforms.sae_train_state import STATE_JSON
+from actstore.transforms.sae_training import Trainer, learning_rate
 
 D, N_TRUE, ACTIVE, BATCH, STEPS = 64, 512, 5, 512, 200
 FAST = {"lr": 5e-3, "warmup_steps": 20, "total_tokens": STEPS * BATCH, "batch_size": BATCH}

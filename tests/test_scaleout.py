@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from flows.cluster import connect
-from flows.pipeline import pipeline
-from flows.prefect_server import free_port
-from schemas.errors import UserError
-from store.activations import PROGRESS_DIR, WRITES_LOG
-from store.root import Store
+from actstore.flows.cluster import connect
+from actstore.flows.pipeline import pipeline
+from actstore.flows.prefect_server import free_port
+from actstore.schemas.errors import UserError
+from actstore.store.activations import PROGRESS_DIR, WRITES_LOG
+from actstore.store.root import Store
 from tests.helpers import stored_data, tiny_pipeline
 
 DASK = str(Path(sys.executable).with_name("dask"))

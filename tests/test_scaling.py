@@ -12,10 +12,10 @@ import pytest
 from scipy.optimize import approx_fprime
 from scipy.stats import binom
 
-from schemas.errors import UserError
-from transforms.bootstrap import mean_with_interval
-from transforms.scaling import bootstrap_fit, forecast, reducible_loss
-from transforms.scaling_fit import (
+from actstore.schemas.errors import UserError
+from actstore.transforms.bootstrap import mean_with_interval
+from actstore.transforms.scaling import bootstrap_fit, forecast, reducible_loss
+from actstore.transforms.scaling_fit import (
     EPOCH_GRID,
     Grid,
     fit_chinchilla,

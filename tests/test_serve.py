@@ -19,8 +19,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 
-from flows.cli import main
-from schemas.manifest import MANIFEST_NAME
+from actstore.flows.cli import main
+from actstore.schemas.manifest import MANIFEST_NAME
 from tests.helpers import cli_popen, tiny_pipeline
 
 

@@ -15,15 +15,15 @@ import pytest
 import torch
 import zarr
 
-from flows.harvest import harvest
-from flows.ingest import ingest
-from schemas.corpus import CorpusConfig
-from schemas.errors import UserError
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig
-from store.objects import write_manifest
-from store.root import Store
-from store.shards import ShardReader, TokBatch, _ChunkFiles, make_loader, round_robin_position
+from actstore.flows.harvest import harvest
+from actstore.flows.ingest import ingest
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.errors import UserError
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig
+from actstore.store.objects import write_manifest
+from actstore.store.root import Store
+from actstore.store.shards import ShardReader, TokBatch, _ChunkFiles, make_loader, round_robin_position
 from tests.helpers import write_text_corpus
 from tests.shard_data import SyntheticStore, write_synthetic_harvest, write_synthetic_store
 from tests.tiny_models import build_tiny_model

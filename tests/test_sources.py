@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.corpus import CorpusConfig
-from schemas.errors import UserError
-from store.sources import iter_documents
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.errors import UserError
+from actstore.store.sources import iter_documents
 
 
 def docs_of(**fields: object) -> list[str]:

@@ -13,14 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from schemas.errors import UserError
-from schemas.model import ModelConfig
-from schemas.sae import SAEConfig
-from tests.tiny_models import D_MODEL, build_tiny_model
-from transforms.models import load_model
-from transforms.sae import SAE
-from transforms.sites import resolve_sites
-from transforms.splice import (
+from actstore.schemas.errors import UserError
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.sae import SAEConfig
+from actstore.transforms.models import load_model
+from actstore.transforms.sae import SAE
+from actstore.transforms.sites import resolve_sites
+from actstore.transforms.splice import (
     Splice,
     _token_losses,
     ce_recovered,
@@ -29,6 +28,7 @@ from transforms.splice import (
     sae_replacement,
     zero_replacement,
 )
+from tests.tiny_models import D_MODEL, build_tiny_model
 
 CPU = torch.device("cpu")
 FAMILIES = ("llama", "gpt2")

@@ -11,11 +11,11 @@ import pytest
 import torch
 import zarr
 
-from flows.writer_thread import BackgroundWriter
-from schemas.arrays import ActivationAttrs
-from schemas.errors import UserError
-from store.activations import ActivationArray, ArraySpec, HarvestArrays
-from store.objects import atomic_write_json, object_lock, remove_temp_files, staged_directory
+from actstore.flows.writer_thread import BackgroundWriter
+from actstore.schemas.arrays import ActivationAttrs
+from actstore.schemas.errors import UserError
+from actstore.store.activations import ActivationArray, ArraySpec, HarvestArrays
+from actstore.store.objects import atomic_write_json, object_lock, remove_temp_files, staged_directory
 
 
 def _attrs(site: str, dtype: str, n: int, d: int, chunk: int) -> ActivationAttrs:

@@ -13,20 +13,20 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import load_file
 
-from flows.encode import encode
-from flows.synthetic import GROUND_TRUTH, synthetic
-from flows.train import train
-from schemas.encode import EncodeRuntime
-from schemas.errors import UserError
-from schemas.sites import parse_site
-from schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
-from schemas.tables import TOKEN_SCHEMA
-from schemas.train import TrainConfig
-from schemas.train_run import TrainRun
-from store.activations import array_path
-from store.root import Store
-from store.shards import ShardReader
-from transforms.sae import load
+from actstore.flows.encode import encode
+from actstore.flows.synthetic import GROUND_TRUTH, synthetic
+from actstore.flows.train import train
+from actstore.schemas.encode import EncodeRuntime
+from actstore.schemas.errors import UserError
+from actstore.schemas.sites import parse_site
+from actstore.schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
+from actstore.schemas.tables import TOKEN_SCHEMA
+from actstore.schemas.train import TrainConfig
+from actstore.schemas.train_run import TrainRun
+from actstore.store.activations import array_path
+from actstore.store.root import Store
+from actstore.store.shards import ShardReader
+from actstore.transforms.sae import load
 
 MIXTURE = SyntheticConfig(kind="gaussian_mixture", n_tokens=32768, d=8, components=4, spread=6.0, scale=1.0,
                           anisotropy=4.0, ctx_len=64, chunk_tokens=4096, seed=5, holdout_fraction=0.25)

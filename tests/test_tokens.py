@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.errors import UserError
-from schemas.tables import SPLITS, TOKEN_SCHEMA
-from store.tokens import ROW_GROUP_ROWS, SPLIT_DTYPE, read_windows, scan_tokens, write_token_table
+from actstore.schemas.errors import UserError
+from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
+from actstore.store.tokens import ROW_GROUP_ROWS, SPLIT_DTYPE, read_windows, scan_tokens, write_token_table
 
 CTX = 8
 

@@ -13,18 +13,18 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from flows.harvest import harvest
-from flows.ingest import ingest
-from flows.train import train
-from schemas.corpus import CorpusConfig
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig
-from schemas.train import TrainConfig
-from schemas.train_run import TrainRun
-from store.root import Store
+from actstore.flows.harvest import harvest
+from actstore.flows.ingest import ingest
+from actstore.flows.train import train
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.train import TrainConfig
+from actstore.schemas.train_run import TrainRun
+from actstore.store.root import Store
+from actstore.transforms.sae import load
 from tests.helpers import cli, cli_popen, write_text_corpus
 from tests.tiny_models import build_tiny_model
-from transforms.sae import load
 
 SITE = "blocks.1.hook_resid_post"
 

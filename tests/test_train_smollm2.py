@@ -5,17 +5,17 @@ from pathlib import Path
 
 import polars as pl
 
-from flows.harvest import harvest
-from flows.ingest import ingest
-from flows.train import train
-from schemas.corpus import CorpusConfig
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.train import TrainConfig
-from schemas.train_run import TrainRun
-from store.root import Store
-from store.shards import ShardReader
-from transforms.sae_eval import evaluate
-from transforms.sae_training import Trainer
+from actstore.flows.harvest import harvest
+from actstore.flows.ingest import ingest
+from actstore.flows.train import train
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.train import TrainConfig
+from actstore.schemas.train_run import TrainRun
+from actstore.store.root import Store
+from actstore.store.shards import ShardReader
+from actstore.transforms.sae_eval import evaluate
+from actstore.transforms.sae_training import Trainer
 
 SITE = "blocks.3.hook_resid_post"
 

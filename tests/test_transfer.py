@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-import transforms.transfer as transfer_module
-from schemas.errors import UserError
-from tests.test_models import assert_one_line_user_error
-from transforms.transfer import (
+import actstore.transforms.transfer as transfer_module
+from actstore.schemas.errors import UserError
+from actstore.transforms.transfer import (
     FeatureCorrelation,
     PairStats,
     log_density_correlation,
     logit_weight_similarity,
 )
+from tests.test_models import assert_one_line_user_error
 
 CTX = 8
 

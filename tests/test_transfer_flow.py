@@ -10,20 +10,20 @@ import polars as pl
 import pytest
 import torch
 
-from flows.harvest import harvest
-from flows.ingest import ingest
-from flows.train import train
-from flows.transfer import transfer
-from schemas.corpus import CorpusConfig
-from schemas.eval import EvalRuntime
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig, ModelControl
-from schemas.train import TrainConfig
-from schemas.train_run import TrainRun
-from schemas.transfer import TransferConfig
-from store.root import Store
+from actstore.flows.harvest import harvest
+from actstore.flows.ingest import ingest
+from actstore.flows.train import train
+from actstore.flows.transfer import transfer
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.eval import EvalRuntime
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig, ModelControl
+from actstore.schemas.train import TrainConfig
+from actstore.schemas.train_run import TrainRun
+from actstore.schemas.transfer import TransferConfig
+from actstore.store.root import Store
+from actstore.transforms.sae import load
 from tests.helpers import cli, last_line, snapshot
-from transforms.sae import load
 
 SITE = "blocks.3.hook_resid_post"
 CTX = 64

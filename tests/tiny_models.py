@@ -13,8 +13,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from schemas.model import ModelConfig
-from transforms.models import embedded_default_gguf, load_model
+from actstore.schemas.model import ModelConfig
+from actstore.transforms.models import embedded_default_gguf, load_model
 
 N_LAYERS = 3
 D_MODEL = 32

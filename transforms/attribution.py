@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from transforms.sae import SAE
+from actstore.transforms.sae import SAE
 
 
 class TokenAttribution(NamedTuple):

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from schemas.errors import UserError
+from actstore.schemas.errors import UserError
 
 _DRAW_CELLS = 4_000_000
 """Random indices drawn per block of replicates; bounds memory on tables of millions of tokens."""

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from transforms.hooks import RecordingHooks
-from transforms.sites import SiteSpec, decoder_layers
+from actstore.transforms.hooks import RecordingHooks
+from actstore.transforms.sites import SiteSpec, decoder_layers
 
 LOSS_CHUNK_ELEMENTS = 1 << 24
 """Logits elements turned into float32 at a time by the loss (64 MiB), so memory stays bounded for big batches

@@ -29,8 +29,8 @@ import hashlib
 import torch
 from transformers import PreTrainedModel
 
-from schemas.errors import UserError
-from schemas.model import ModelControl
+from actstore.schemas.errors import UserError
+from actstore.schemas.model import ModelControl
 
 
 def apply_control(model: PreTrainedModel, control: ModelControl) -> PreTrainedModel:

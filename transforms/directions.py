@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from concept_erasure import LeaceFitter
 from torch import Tensor
 
-from schemas.errors import UserError
+from actstore.schemas.errors import UserError
 
 Intervention = Callable[[Tensor], Tensor]
 """Maps activations [..., d] to replacements of the same shape, dtype and device."""

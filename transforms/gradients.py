@@ -15,11 +15,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from schemas.errors import UserError
-from schemas.harvest import GradientMetric
-from transforms.capture import per_token_loss
-from transforms.hooks import RecordingHooks
-from transforms.sites import SiteSpec
+from actstore.schemas.errors import UserError
+from actstore.schemas.harvest import GradientMetric
+from actstore.transforms.capture import per_token_loss
+from actstore.transforms.hooks import RecordingHooks
+from actstore.transforms.sites import SiteSpec
 
 
 class GradientResult(NamedTuple):

@@ -13,7 +13,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from transforms.sites import SiteSpec, first_tensor
+from actstore.transforms.sites import SiteSpec, first_tensor
 
 
 class SiteHooks(ABC):

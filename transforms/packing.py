@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from schemas.corpus import CorpusConfig
-from schemas.errors import UserError
-from schemas.tables import SPLITS, TOKEN_SCHEMA
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.errors import UserError
+from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
 
 TOKENIZE_DOCS = 256
 """Documents per tokenizer call: the fast tokenizer parallelises a batch, one call per document is slow."""

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from schemas.errors import UserError
-from schemas.ids import slug
-from schemas.sae import SAE_DTYPES, SAEConfig
-from transforms.sae_loaders import read_checkpoint, validate_weights, write_saelens
+from actstore.schemas.errors import UserError
+from actstore.schemas.ids import slug
+from actstore.schemas.sae import SAE_DTYPES, SAEConfig
+from actstore.transforms.sae_loaders import read_checkpoint, validate_weights, write_saelens
 
 
 class SAE(nn.Module):

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from schemas.errors import UserError
-from transforms.sae import SAE
-from transforms.sae_init import check_width
+from actstore.schemas.errors import UserError
+from actstore.transforms.sae import SAE
+from actstore.transforms.sae_init import check_width
 
 LATENT_CHUNK_ELEMENTS = 1 << 22
 """Latent values cast to float64 at a time (32 MiB) when summing them per latent."""

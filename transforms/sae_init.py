@@ -11,8 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from schemas.errors import UserError
-from schemas.train import TrainConfig
+from actstore.schemas.errors import UserError
+from actstore.schemas.train import TrainConfig
 
 UNCONSTRAINED_DECODER_NORM = 0.1
 """Row norm at init when rows may grow (Anthropic's April 2024 update; SAELens' `decoder_init_norm`)."""

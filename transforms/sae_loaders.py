@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from schemas.errors import UserError
-from schemas.sae import (
+from actstore.schemas.errors import UserError
+from actstore.schemas.sae import (
     ACTSTORE_KEY,
     ARCHITECTURES,
     GEMMA_SCOPE_PARAMS,

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from schemas.errors import UserError
+from actstore.schemas.errors import UserError
 
 STATE_FORMAT = "actstore.sae_trainer/1"
 """`format` of a saved trainer state; another format is refused rather than misread."""

@@ -24,12 +24,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from schemas.errors import UserError
-from schemas.sae import SAEConfig
-from schemas.train import RUNTIME_FIELDS, TrainConfig
-from transforms.sae import SAE
-from transforms.sae_init import check_width, initial_b_dec, initial_weights, scaling_factor, stack_batches
-from transforms.sae_train_ops import (
+from actstore.schemas.errors import UserError
+from actstore.schemas.sae import SAEConfig
+from actstore.schemas.train import RUNTIME_FIELDS, TrainConfig
+from actstore.transforms.sae import SAE
+from actstore.transforms.sae_init import check_width, initial_b_dec, initial_weights, scaling_factor, stack_batches
+from actstore.transforms.sae_train_ops import (
     Selection,
     decode_sparse,
     gather_pre,
@@ -39,7 +39,7 @@ from transforms.sae_train_ops import (
     select_topk,
     step,
 )
-from transforms.sae_train_state import STATE_FORMAT, STATE_JSON, read_state, write_state
+from actstore.transforms.sae_train_state import STATE_FORMAT, STATE_JSON, read_state, write_state
 
 
 class StepMetrics(NamedTuple):

@@ -21,9 +21,9 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from schemas.errors import UserError
-from transforms.bootstrap import check_bootstrap_args, percentile_interval
-from transforms.scaling_fit import (
+from actstore.schemas.errors import UserError
+from actstore.transforms.bootstrap import check_bootstrap_args, percentile_interval
+from actstore.transforms.scaling_fit import (
     COEFFICIENT_NAMES,
     EXPONENT_NAMES,
     PowerLawFit,

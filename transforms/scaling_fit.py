@@ -27,7 +27,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
-from schemas.errors import UserError
+from actstore.schemas.errors import UserError
 
 HUBER_DELTA = 1e-3
 """Hoffmann et al. 2022 and Besiroglu et al. 2024: residuals in log loss beyond this count linearly."""

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from schemas.errors import UserError
-from schemas.sites import HOOK_NAMES, parse_site
+from actstore.schemas.errors import UserError
+from actstore.schemas.sites import HOOK_NAMES, parse_site
 
 _PRE_NORM = ("self_attn", "mlp")
 _SANDWICH_NORM = ("post_attention_layernorm", "post_feedforward_layernorm")

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from schemas.errors import UserError
-from transforms.capture import LOSS_CHUNK_ELEMENTS
-from transforms.hooks import SiteHooks
-from transforms.sae import SAE
-from transforms.sae_init import check_width
-from transforms.sites import SiteSpec, first_tensor
+from actstore.schemas.errors import UserError
+from actstore.transforms.capture import LOSS_CHUNK_ELEMENTS
+from actstore.transforms.hooks import SiteHooks
+from actstore.transforms.sae import SAE
+from actstore.transforms.sae_init import check_width
+from actstore.transforms.sites import SiteSpec, first_tensor
 
 Replacement = Callable[[Tensor], Tensor]
 """A site's activation [B, T, d] -> what the rest of the model sees instead, [B, T, d]."""

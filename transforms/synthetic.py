@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from schemas.synthetic import SyntheticConfig
+from actstore.schemas.synthetic import SyntheticConfig
 
 _PARAMETERS, _CHUNK = 0, 1
 """First entropy word after the seed: which stream a generator draws (the parameters, or a chunk's rows)."""

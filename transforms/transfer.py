@@ -14,8 +14,8 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from schemas.errors import UserError
-from transforms.logit_weights import logit_weights
+from actstore.schemas.errors import UserError
+from actstore.transforms.logit_weights import logit_weights
 
 DIST_LOG_RANGE = (1e-4, 1e5)
 """Smallest and largest finite edge of the default Euclidean-distance histogram (log-spaced): distances between

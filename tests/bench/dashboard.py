@@ -22,14 +22,14 @@ import torch
 from bench_report import publish
 from features import feature_probabilities, synthetic_chunks, token_batches
 
-from flows.dashboard_data import DashboardOptions, gather
-from flows.dashboard_pages import LogitTokens, SiteInfo, write_site
-from flows.dashboard_plots import write_plots
-from flows.dashboard_results import Results
-from store.feature_queries import FeatureQueries
-from store.features import FeatureWriter
-from store.tokens import scan_tokens, write_token_table
-from transforms.logit_weights import top_tokens
+from actstore.flows.dashboard_data import DashboardOptions, gather
+from actstore.flows.dashboard_pages import LogitTokens, SiteInfo, write_site
+from actstore.flows.dashboard_plots import write_plots
+from actstore.flows.dashboard_results import Results
+from actstore.store.feature_queries import FeatureQueries
+from actstore.store.features import FeatureWriter
+from actstore.store.tokens import scan_tokens, write_token_table
+from actstore.transforms.logit_weights import top_tokens
 
 CTX_LEN = 128  # token_batches packs windows of this length
 D_MODEL, VOCAB = 576, 49152

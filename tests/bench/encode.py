@@ -20,16 +20,16 @@ import numpy as np
 import torch
 from bench_report import measure_table, publish
 
-from flows.encode import encode_chunks, finish_features
-from flows.saes import publish_sae
-from schemas.arrays import ActivationAttrs
-from schemas.encode import EncodeConfig, EncodeRuntime
-from schemas.manifest import Manifest
-from schemas.sae import SAEConfig
-from store.activations import ArraySpec, HarvestArrays
-from store.objects import utc_now, write_manifest
-from store.root import Store
-from transforms.sae import SAE
+from actstore.flows.encode import encode_chunks, finish_features
+from actstore.flows.saes import publish_sae
+from actstore.schemas.arrays import ActivationAttrs
+from actstore.schemas.encode import EncodeConfig, EncodeRuntime
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.sae import SAEConfig
+from actstore.store.activations import ArraySpec, HarvestArrays
+from actstore.store.objects import utc_now, write_manifest
+from actstore.store.root import Store
+from actstore.transforms.sae import SAE
 
 D, D_SAE, K, CHUNK = 576, 4608, 32, 4096
 SITE = "blocks.6.hook_resid_post"

@@ -27,11 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from bench_report import publish
 
-from schemas.features import triples_schema
-from schemas.tables import SPLITS, TOKEN_SCHEMA
-from store.feature_queries import FeatureQueries
-from store.features import FeatureWriter
-from store.tokens import scan_tokens, write_token_table
+from actstore.schemas.features import triples_schema
+from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
+from actstore.store.feature_queries import FeatureQueries
+from actstore.store.features import FeatureWriter
+from actstore.store.tokens import scan_tokens, write_token_table
 
 CTX_LEN = 128
 MEAN_DOC_TOKENS = 400

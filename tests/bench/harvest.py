@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 from bench_report import measure_table, publish
 
-from flows.harvest import cached_model, harvest_chunks, plan_harvest, publish_harvest
-from flows.ingest import ingest_corpus
-from schemas.corpus import CorpusConfig
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.model import ModelConfig
-from store.activations import disk_bytes
-from store.root import Store
-from store.tokens import read_windows
-from transforms.capture import truncated_forward
-from transforms.sites import n_layers
+from actstore.flows.harvest import cached_model, harvest_chunks, plan_harvest, publish_harvest
+from actstore.flows.ingest import ingest_corpus
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.model import ModelConfig
+from actstore.store.activations import disk_bytes
+from actstore.store.root import Store
+from actstore.store.tokens import read_windows
+from actstore.transforms.capture import truncated_forward
+from actstore.transforms.sites import n_layers
 
 CTX_LEN = 128
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from store.root import Store
-from store.shards import DEFAULT_BUFFER_TOKENS, ShardReader, make_loader
+from actstore.store.root import Store
+from actstore.store.shards import DEFAULT_BUFFER_TOKENS, ShardReader, make_loader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, `tests` is not on the path
 from bench_report import publish
@@ -107,8 +107,8 @@ def reader_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str
 def bench_training(root: Path, harvest_id: str, d: int, batch_size: int, steps: int,
                    repeats: int) -> dict[str, float]:
     """TopK SAE steps/s fed by the shuffled reader vs fed from batches already in memory (same batches)."""
-    from schemas.train import TrainConfig
-    from transforms.sae_training import Trainer
+    from actstore.schemas.train import TrainConfig
+    from actstore.transforms.sae_training import Trainer
 
     cfg = TrainConfig(architecture="topk", d_sae=8 * d, k=32, total_tokens=batch_size * steps * 100,
                       batch_size=batch_size, warmup_steps=0, b_dec_init="mean", init_tokens=batch_size)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from schemas.train import TrainConfig
-from transforms.sae_training import Trainer
+from actstore.schemas.train import TrainConfig
+from actstore.transforms.sae_training import Trainer
 
 
 def dense_step(d_in: int, d_sae: int, k: int) -> Callable[[torch.Tensor], None]:

@@ -51,22 +51,22 @@ import torch
 from bench_report import measure_table, publish
 from prefect import flow
 
-from flows.cluster import Cluster
-from flows.encode import encode_shard, finish_features
-from flows.harvest import cached_model, harvest_shard, plan_harvest, prepare_arrays, publish_harvest
-from flows.ingest import ingest_corpus
-from flows.pipeline import encode_step, harvest_step
-from flows.prefect_server import ensure_api
-from flows.saes import publish_sae
-from schemas.corpus import CorpusConfig
-from schemas.encode import EncodeConfig, EncodeRuntime
-from schemas.harvest import HarvestConfig, HarvestRuntime
-from schemas.manifest import Manifest
-from schemas.model import ModelConfig
-from schemas.pipeline import RunSettings
-from schemas.sae import SAEConfig
-from store.root import Store
-from transforms.sae import SAE
+from actstore.flows.cluster import Cluster
+from actstore.flows.encode import encode_shard, finish_features
+from actstore.flows.harvest import cached_model, harvest_shard, plan_harvest, prepare_arrays, publish_harvest
+from actstore.flows.ingest import ingest_corpus
+from actstore.flows.pipeline import encode_step, harvest_step
+from actstore.flows.prefect_server import ensure_api
+from actstore.flows.saes import publish_sae
+from actstore.schemas.corpus import CorpusConfig
+from actstore.schemas.encode import EncodeConfig, EncodeRuntime
+from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
+from actstore.schemas.manifest import Manifest
+from actstore.schemas.model import ModelConfig
+from actstore.schemas.pipeline import RunSettings
+from actstore.schemas.sae import SAEConfig
+from actstore.store.root import Store
+from actstore.transforms.sae import SAE
 
 CTX_LEN = 128
 CHUNK = 4096

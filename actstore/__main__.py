@@ -1,0 +1,8 @@
+"""`python -m actstore ...` is the `actstore` command."""
+
+import sys
+
+from actstore.flows.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
