@@ -18,13 +18,21 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["holdout", "train", "all"], default="holdout")
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens of the split")
     p.add_argument("--keep-bos", action="store_true", help="count position 0 (BOS) in the metrics")
-    p.add_argument("--outlier-factor", type=float,
-                   help="also exclude tokens whose norm exceeds this multiple of the median norm")
-    p.add_argument("--ce-tokens", type=int, default=4096,
-                   help="tokens of downstream loss with the SAE spliced in (0 skips the model forwards)")
+    p.add_argument(
+        "--outlier-factor", type=float, help="also exclude tokens whose norm exceeds this multiple of the median norm"
+    )
+    p.add_argument(
+        "--ce-tokens",
+        type=int,
+        default=4096,
+        help="tokens of downstream loss with the SAE spliced in (0 skips the model forwards)",
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--allow-mismatch", action="store_true",
-                   help="evaluate an SAE trained on another model or hook (transfer experiments)")
+    p.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="evaluate an SAE trained on another model or hook (transfer experiments)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -46,17 +54,27 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     harvest = store.manifest("harvest", a.harvest)
     sae, known_id = open_sae(a.store, a.sae)
     site = resolve_site(store, a.harvest, a.site, sae)
-    check_compatible(sae, store.activations(a.harvest, site).attrs.d, site, harvest_model_label(harvest),
-                     a.allow_mismatch)
-    config = EvalConfig(sae_id=stored_sae_id(a.store, a.sae, sae, known_id), harvest_id=a.harvest, site=site,
-                        split=a.split, max_tokens=a.max_tokens,
-                        exclude_bos=not a.keep_bos, outlier_factor=a.outlier_factor, ce_tokens=a.ce_tokens)
+    check_compatible(
+        sae, store.activations(a.harvest, site).attrs.d, site, harvest_model_label(harvest), a.allow_mismatch
+    )
+    config = EvalConfig(
+        sae_id=stored_sae_id(a.store, a.sae, sae, known_id),
+        harvest_id=a.harvest,
+        site=site,
+        split=a.split,
+        max_tokens=a.max_tokens,
+        exclude_bos=not a.keep_bos,
+        outlier_factor=a.outlier_factor,
+        ce_tokens=a.ce_tokens,
+    )
     manifest = evaluate(a.store, config, _runtime(a))
     summary = manifest.extra["summary"]
     if not a.json:
         print_numbers(f"eval {manifest.id}", summary)
-        print(f"tables: {Store(a.store).eval_dir(manifest.id)}/{{summary,per_token,per_feature,density_histogram}}"
-              ".parquet")
+        print(
+            f"tables: {Store(a.store).eval_dir(manifest.id)}/{{summary,per_token,per_feature,density_histogram}}"
+            ".parquet"
+        )
     return {"eval_id": manifest.id, **summary}
 
 
@@ -88,9 +106,17 @@ def cmd_transfer(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.transfer import transfer
     from actstore.schemas.transfer import TransferConfig
 
-    config = TransferConfig(harvest_a=a.harvest_a, harvest_b=a.harvest_b, sites=tuple(a.site), sae_a=a.sae_a,
-                            sae_b=a.sae_b, split=a.split, max_tokens=a.max_tokens, exclude_bos=not a.keep_bos,
-                            ce_tokens=a.ce_tokens)
+    config = TransferConfig(
+        harvest_a=a.harvest_a,
+        harvest_b=a.harvest_b,
+        sites=tuple(a.site),
+        sae_a=a.sae_a,
+        sae_b=a.sae_b,
+        split=a.split,
+        max_tokens=a.max_tokens,
+        exclude_bos=not a.keep_bos,
+        ce_tokens=a.ce_tokens,
+    )
     manifest = transfer(a.store, config, _runtime(a))
     if not a.json:
         from rich.console import Console
@@ -106,14 +132,26 @@ def cmd_transfer(a: argparse.Namespace) -> dict[str, Any]:
         for column in ("direction", "explained_variance", "ce_recovered_zero", "ce_delta", "log_density_corr"):
             saes.add_column(column, justify="right")
         for row in manifest.extra["sae_transfer"]:
-            saes.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in (
-                row["direction"], row["explained_variance"], row["ce_recovered_zero"], row["ce_delta"],
-                row["log_density_corr"])))
+            saes.add_row(
+                *(
+                    f"{v:.4f}" if isinstance(v, float) else str(v)
+                    for v in (
+                        row["direction"],
+                        row["explained_variance"],
+                        row["ce_recovered_zero"],
+                        row["ce_delta"],
+                        row["log_density_corr"],
+                    )
+                )
+            )
         if manifest.extra["sae_transfer"]:
             Console().print(saes)
         print(f"tables: {Store(a.store).transfer_dir(manifest.id)}")
-    return {"transfer_id": manifest.id, "sites": manifest.extra["summary"],
-            "sae_transfer": manifest.extra["sae_transfer"]}
+    return {
+        "transfer_id": manifest.id,
+        "sites": manifest.extra["summary"],
+        "sae_transfer": manifest.extra["sae_transfer"],
+    }
 
 
 def add_synthetic_args(p: argparse.ArgumentParser) -> None:
@@ -135,13 +173,28 @@ def cmd_synthetic(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.synthetic import synthetic
     from actstore.schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
 
-    config = SyntheticConfig(kind=a.kind, n_tokens=a.tokens, d=a.d, seed=a.seed, components=a.components,
-                             spread=a.spread, scale=a.scale, anisotropy=a.anisotropy, ctx_len=a.ctx_len,
-                             holdout_fraction=a.holdout, chunk_tokens=a.chunk_tokens)
+    config = SyntheticConfig(
+        kind=a.kind,
+        n_tokens=a.tokens,
+        d=a.d,
+        seed=a.seed,
+        components=a.components,
+        spread=a.spread,
+        scale=a.scale,
+        anisotropy=a.anisotropy,
+        ctx_len=a.ctx_len,
+        holdout_fraction=a.holdout,
+        chunk_tokens=a.chunk_tokens,
+    )
     manifest = synthetic(a.store, config, progress=not a.no_progress)
-    return {"harvest_id": manifest.id, "corpus_id": manifest.extra["corpus_id"], "site": SYNTHETIC_SITE,
-            "n_tokens": manifest.counts["n_tokens"], "d": config.d,
-            "tokens_per_s": manifest.timings.get("tokens_per_s")}
+    return {
+        "harvest_id": manifest.id,
+        "corpus_id": manifest.extra["corpus_id"],
+        "site": SYNTHETIC_SITE,
+        "n_tokens": manifest.counts["n_tokens"],
+        "d": config.d,
+        "tokens_per_s": manifest.timings.get("tokens_per_s"),
+    }
 
 
 def add_dashboard_args(p: argparse.ArgumentParser) -> None:
@@ -162,8 +215,16 @@ def cmd_dashboard(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.dashboard import DashboardOptions, dashboard, dashboard_server
 
     options = DashboardOptions(top_k=a.top_k, context=a.context, per_bucket=a.per_bucket)
-    site = dashboard(a.store, a.sae, a.harvest, out=a.out, logits=not a.no_logits, device=a.device,
-                     options=options, workers=a.workers)
+    site = dashboard(
+        a.store,
+        a.sae,
+        a.harvest,
+        out=a.out,
+        logits=not a.no_logits,
+        device=a.device,
+        options=options,
+        workers=a.workers,
+    )
     index = site / "index.html"
     if not a.json:
         print(f"dashboard: {index}")
@@ -187,8 +248,9 @@ def add_attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logit-k", type=int, default=10, help="top promoted / suppressed tokens per feature")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--allow-mismatch", action="store_true",
-                   help="an SAE trained on another model or hook (transfer experiments)")
+    p.add_argument(
+        "--allow-mismatch", action="store_true", help="an SAE trained on another model or hook (transfer experiments)"
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -196,8 +258,9 @@ def cmd_attribute(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.attribute import attribute, attribution_dir
     from actstore.schemas.attribution import AttributeRuntime
 
-    runtime = AttributeRuntime(device=a.device, batch_tokens=a.batch_tokens, allow_mismatch=a.allow_mismatch,
-                               progress=not a.no_progress)
+    runtime = AttributeRuntime(
+        device=a.device, batch_tokens=a.batch_tokens, allow_mismatch=a.allow_mismatch, progress=not a.no_progress
+    )
     manifest = attribute(a.store, a.sae, a.harvest, site=a.site, top_k=a.top_k, logit_k=a.logit_k, runtime=runtime)
     sae_id, harvest_id = manifest.id.split("/")
     path = attribution_dir(Store(a.store), sae_id, harvest_id)
@@ -218,10 +281,14 @@ def cmd_direction(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.directions import direction
     from actstore.schemas.directions import DirectionConfig
 
-    manifest = direction(a.store, DirectionConfig(harvest_id=a.harvest, site=a.site, positive=a.positive,
-                                                  negative=a.negative, split=a.split))
+    manifest = direction(
+        a.store,
+        DirectionConfig(harvest_id=a.harvest, site=a.site, positive=a.positive, negative=a.negative, split=a.split),
+    )
     if not a.json:
-        print(f"direction {manifest.id}: ||r|| = {manifest.extra['norm']:.4f} from {manifest.counts['positive']:,} "
-              f"positive and {manifest.counts['negative']:,} negative tokens; harvest with "
-              f"--ablate {manifest.id}@{a.site}")
+        print(
+            f"direction {manifest.id}: ||r|| = {manifest.extra['norm']:.4f} from {manifest.counts['positive']:,} "
+            f"positive and {manifest.counts['negative']:,} negative tokens; harvest with "
+            f"--ablate {manifest.id}@{a.site}"
+        )
     return {"direction_id": manifest.id, **manifest.counts, **manifest.extra}

@@ -58,8 +58,11 @@ def _quiet_prefect_tracebacks() -> None:
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=os.environ.get("ACTSTORE_ROOT", DEFAULT_ROOT),
-                   help="store root directory (default: $ACTSTORE_ROOT or ./actstore-data)")
+    p.add_argument(
+        "--store",
+        default=os.environ.get("ACTSTORE_ROOT", DEFAULT_ROOT),
+        help="store root directory (default: $ACTSTORE_ROOT or ./actstore-data)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
@@ -85,10 +88,20 @@ def _corpus_config(a: argparse.Namespace) -> Any:
     from actstore.schemas.model import ModelConfig
 
     return CorpusConfig(
-        source=a.source, paths=tuple(a.path), hf_name=a.hf_name, hf_config=a.hf_config, hf_split=a.hf_split,
-        text_field=a.text_field, split_paragraphs=a.split_paragraphs, tokenizer=ModelConfig(name=a.model),
-        ctx_len=a.ctx_len, add_bos=not a.no_bos, separator=a.separator, holdout_fraction=a.holdout,
-        max_tokens=a.max_tokens, max_docs=a.max_docs,
+        source=a.source,
+        paths=tuple(a.path),
+        hf_name=a.hf_name,
+        hf_config=a.hf_config,
+        hf_split=a.hf_split,
+        text_field=a.text_field,
+        split_paragraphs=a.split_paragraphs,
+        tokenizer=ModelConfig(name=a.model),
+        ctx_len=a.ctx_len,
+        add_bos=not a.no_bos,
+        separator=a.separator,
+        holdout_fraction=a.holdout,
+        max_tokens=a.max_tokens,
+        max_docs=a.max_docs,
     )
 
 
@@ -103,22 +116,44 @@ def _add_harvest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", required=True, help="corpus id (see `actstore ls`)")
     p.add_argument("--model", help="hub id, local dir, .gguf or smollm2-135m (default: the corpus tokenizer's)")
     p.add_argument("--model-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
-    p.add_argument("--control", choices=["reinit", "permute", "perturb"],
-                   help="harvest a control copy of the model: weights re-initialised, permuted or perturbed (seeded)")
+    p.add_argument(
+        "--control",
+        choices=["reinit", "permute", "perturb"],
+        help="harvest a control copy of the model: weights re-initialised, permuted or perturbed (seeded)",
+    )
     p.add_argument("--control-seed", type=int, default=0)
     p.add_argument("--control-scale", type=float, help="perturb: noise std relative to each weight tensor's std")
-    p.add_argument("--control-keep-embeddings", action="store_true",
-                   help="leave the token embedding and unembedding as trained")
+    p.add_argument(
+        "--control-keep-embeddings", action="store_true", help="leave the token embedding and unembedding as trained"
+    )
     p.add_argument("--site", action="append", required=True, help="blocks.L.hook_resid_post etc. (repeatable)")
     p.add_argument("--loss", action="store_true", help="also store per-token next-token loss (full forward)")
-    p.add_argument("--gradients", choices=["loss", "logit_diff"],
-                   help="also store d(metric summed over each window)/d(activation) at every site (for attribute)")
-    p.add_argument("--ablate", action="append", default=[], metavar="DIRECTION_ID@SITE[,SITE]",
-                   help="ablate a direction (actstore direction) at sites during the forward (repeatable)")
-    p.add_argument("--add", action="append", default=[], metavar="DIRECTION_ID@SITE[,SITE]:ALPHA",
-                   help="add alpha x a direction at sites during the forward (repeatable)")
-    p.add_argument("--logit-diff", nargs=2, type=int, metavar=("A", "B"),
-                   help="--gradients logit_diff: the metric is logit[A] - logit[B] at every position")
+    p.add_argument(
+        "--gradients",
+        choices=["loss", "logit_diff"],
+        help="also store d(metric summed over each window)/d(activation) at every site (for attribute)",
+    )
+    p.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        metavar="DIRECTION_ID@SITE[,SITE]",
+        help="ablate a direction (actstore direction) at sites during the forward (repeatable)",
+    )
+    p.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        metavar="DIRECTION_ID@SITE[,SITE]:ALPHA",
+        help="add alpha x a direction at sites during the forward (repeatable)",
+    )
+    p.add_argument(
+        "--logit-diff",
+        nargs=2,
+        type=int,
+        metavar=("A", "B"),
+        help="--gradients logit_diff: the metric is logit[A] - logit[B] at every position",
+    )
     p.add_argument("--store-dtype", choices=["model", "float32", "float16", "bfloat16"], default="model")
     p.add_argument("--batch-windows", type=int, help="windows per forward batch (default ~4096 tokens)")
     p.add_argument("--max-tokens", type=int, help="harvest only the first tokens of the corpus")
@@ -134,18 +169,32 @@ def _harvest_config(a: argparse.Namespace, store_root: str) -> Any:
 
     if a.control is None and (a.control_scale is not None or a.control_keep_embeddings):
         raise UserError("--control-scale and --control-keep-embeddings need --control reinit|permute|perturb")
-    control = None if a.control is None else ModelControl(kind=a.control, seed=a.control_seed, scale=a.control_scale,
-                                                          keep_embeddings=a.control_keep_embeddings)
+    control = (
+        None
+        if a.control is None
+        else ModelControl(
+            kind=a.control, seed=a.control_seed, scale=a.control_scale, keep_embeddings=a.control_keep_embeddings
+        )
+    )
     if a.model:
         model = ModelConfig(name=a.model, dtype=a.model_dtype, control=control)
     else:
         corpus = Store(store_root).manifest("corpus", a.corpus)
         model = ModelConfig.model_validate({**corpus.config["tokenizer"], "dtype": a.model_dtype, "control": control})
-    return HarvestConfig(corpus_id=a.corpus, model=model, sites=tuple(a.site), loss=a.loss,
-                         store_dtype=a.store_dtype, batch_windows=a.batch_windows, max_tokens=a.max_tokens,
-                         gradient_metric=a.gradients, logit_diff_tokens=tuple(a.logit_diff) if a.logit_diff else None,
-                         interventions=tuple(parse_intervention(kind, text) for kind, texts in
-                                             (("ablate", a.ablate), ("add", a.add)) for text in texts))
+    return HarvestConfig(
+        corpus_id=a.corpus,
+        model=model,
+        sites=tuple(a.site),
+        loss=a.loss,
+        store_dtype=a.store_dtype,
+        batch_windows=a.batch_windows,
+        max_tokens=a.max_tokens,
+        gradient_metric=a.gradients,
+        logit_diff_tokens=tuple(a.logit_diff) if a.logit_diff else None,
+        interventions=tuple(
+            parse_intervention(kind, text) for kind, texts in (("ablate", a.ablate), ("add", a.add)) for text in texts
+        ),
+    )
 
 
 def parse_intervention(kind: str, text: str) -> Any:
@@ -160,8 +209,10 @@ def parse_intervention(kind: str, text: str) -> Any:
     except ValueError:
         value = None
     if not direction_id or not sites or value is None:
-        raise UserError(f"--{kind} {text!r} is not {form}: e.g. --{kind} direction-L6-1a2b3c4d@blocks.6.hook_resid_post"
-                        + (":4.0" if kind == "add" else ""))
+        raise UserError(
+            f"--{kind} {text!r} is not {form}: e.g. --{kind} direction-L6-1a2b3c4d@blocks.6.hook_resid_post"
+            + (":4.0" if kind == "add" else "")
+        )
     return Intervention(kind=kind, direction_id=direction_id, sites=tuple(sites.split(",")), alpha=value)
 
 
@@ -171,9 +222,13 @@ def cmd_harvest(a: argparse.Namespace) -> dict[str, Any]:
 
     runtime = HarvestRuntime(device=a.device, threads=a.threads, progress=not a.no_progress)
     manifest = harvest(a.store, _harvest_config(a, a.store), runtime)
-    return {"harvest_id": manifest.id, "n_tokens": manifest.counts["n_tokens"],
-            "sites": list(manifest.extra["arrays"]), "tokens_per_s": manifest.timings.get("tokens_per_s"),
-            "device": manifest.extra.get("device")}
+    return {
+        "harvest_id": manifest.id,
+        "n_tokens": manifest.counts["n_tokens"],
+        "sites": list(manifest.extra["arrays"]),
+        "tokens_per_s": manifest.timings.get("tokens_per_s"),
+        "device": manifest.extra.get("device"),
+    }
 
 
 def _add_encode_args(p: argparse.ArgumentParser) -> None:
@@ -181,8 +236,11 @@ def _add_encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--harvest", required=True, help="harvest id (see `actstore ls`)")
     p.add_argument("--site", help="harvest site to encode (default: the SAE's hook, or the only site)")
     p.add_argument("--value-dtype", choices=["float16", "float32"], default="float16")
-    p.add_argument("--allow-mismatch", action="store_true",
-                   help="encode even if the SAE was trained on another model or hook (transfer experiments)")
+    p.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="encode even if the SAE was trained on another model or hook (transfer experiments)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--no-progress", action="store_true")
@@ -192,12 +250,18 @@ def cmd_encode(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.encode import encode
     from actstore.schemas.encode import EncodeRuntime
 
-    runtime = EncodeRuntime(device=a.device, batch_tokens=a.batch_tokens, allow_mismatch=a.allow_mismatch,
-                            progress=not a.no_progress)
+    runtime = EncodeRuntime(
+        device=a.device, batch_tokens=a.batch_tokens, allow_mismatch=a.allow_mismatch, progress=not a.no_progress
+    )
     manifest = encode(a.store, a.sae, a.harvest, a.site, a.value_dtype, runtime)
     sae_id, harvest_id = manifest.id.split("/")
-    return {"sae_id": sae_id, "harvest_id": harvest_id, "site": manifest.extra["site"], **manifest.counts,
-            "path": str(Store(a.store).features_dir(sae_id, harvest_id))}
+    return {
+        "sae_id": sae_id,
+        "harvest_id": harvest_id,
+        "site": manifest.extra["site"],
+        **manifest.counts,
+        "path": str(Store(a.store).features_dir(sae_id, harvest_id)),
+    }
 
 
 def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
@@ -232,9 +296,20 @@ def train_run_from_args(a: argparse.Namespace) -> Any:
     from actstore.schemas.train_run import TrainRun
 
     k = None if a.architecture in ("jumprelu", "standard") else (int(a.k) if a.architecture == "topk" else a.k)
-    train = TrainConfig(architecture=a.architecture, d_sae=a.d_sae, expansion_factor=None if a.d_sae else 4, k=k,
-                        total_tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
-                        l1_coefficient=a.l1, l0_coefficient=a.l0, seed=a.seed, device=a.device)
+    train = TrainConfig(
+        architecture=a.architecture,
+        d_sae=a.d_sae,
+        expansion_factor=None if a.d_sae else 4,
+        k=k,
+        total_tokens=a.tokens,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup_steps=a.warmup_steps,
+        l1_coefficient=a.l1,
+        l0_coefficient=a.l0,
+        seed=a.seed,
+        device=a.device,
+    )
     return TrainRun(harvest_id=a.harvest, site=a.site, train=train, checkpoint_every=a.checkpoint_every)
 
 
@@ -242,8 +317,12 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.train import train
 
     manifest = train(a.store, train_run_from_args(a), progress=not a.no_progress)
-    return {"sae_id": manifest.id, **manifest.counts, **manifest.extra["eval_holdout"],
-            "path": str(Store(a.store).sae_dir(manifest.id))}
+    return {
+        "sae_id": manifest.id,
+        **manifest.counts,
+        **manifest.extra["eval_holdout"],
+        "path": str(Store(a.store).sae_dir(manifest.id)),
+    }
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
@@ -270,17 +349,34 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     if a.what == "activations":
         if not a.site:
             raise UserError("export activations needs --site (see `actstore ls` and the harvest manifest)")
-        result = export_activations(store, a.harvest, a.site, a.out, a.format, rows=rows, split=a.split,  # type: ignore[arg-type]
-                                    where=a.where, token_columns=columns)
+        result = export_activations(
+            store,
+            a.harvest,
+            a.site,
+            a.out,
+            a.format,
+            rows=rows,
+            split=a.split,  # type: ignore[arg-type]
+            where=a.where,
+            token_columns=columns,
+        )
     else:
         if not a.sae:
             raise UserError("export features needs --sae SAE_ID")
         corpus = store.manifest("harvest", a.harvest).extra["corpus_id"]
         store.features(a.sae, a.harvest)  # fails clearly when the features do not exist
-        result = export_features(store.features_dir(a.sae, a.harvest), a.out, a.format, order=a.order,
-                                 features=[int(f) for f in a.features.split(",")] if a.features else None,
-                                 rows=rows, split=a.split, where=a.where,  # type: ignore[arg-type]
-                                 token_table=store.corpus_dir(corpus), token_columns=columns)
+        result = export_features(
+            store.features_dir(a.sae, a.harvest),
+            a.out,
+            a.format,
+            order=a.order,
+            features=[int(f) for f in a.features.split(",")] if a.features else None,
+            rows=rows,
+            split=a.split,
+            where=a.where,  # type: ignore[arg-type]
+            token_table=store.corpus_dir(corpus),
+            token_columns=columns,
+        )
     return {"path": str(result.path), "written": result.written, **result.manifest.counts}
 
 
@@ -296,8 +392,13 @@ def cmd_ls(a: argparse.Namespace) -> dict[str, Any]:
         for col in ("kind", "id", "state", "tokens", "created"):
             table.add_column(col)
         for e in entries:
-            table.add_row(e.kind, e.id, "complete" if e.complete else "incomplete (re-run to resume)",
-                          str(e.counts.get("n_tokens", "")), e.created)
+            table.add_row(
+                e.kind,
+                e.id,
+                "complete" if e.complete else "incomplete (re-run to resume)",
+                str(e.counts.get("n_tokens", "")),
+                e.created,
+            )
         Console().print(table)
     return {"objects": [e._asdict() for e in entries]}
 
@@ -353,36 +454,70 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actstore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    commands: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str,
-                              Callable[[argparse.ArgumentParser], None]]] = {
+    commands: dict[
+        str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str, Callable[[argparse.ArgumentParser], None]]
+    ] = {
         "ingest": (cmd_ingest, "tokenize a corpus into the store's token table", _add_corpus_args),
         "harvest": (cmd_harvest, "run a model over a corpus and store activations (resumable)", _add_harvest_args),
-        "encode": (cmd_encode, "encode a harvest with an SAE into the sparse-feature store (resumable)",
-                   _add_encode_args),
-        "query": (cmd_query, "query the sparse-feature store: top examples, density, documents, tokens",
-                  add_query_args),
+        "encode": (
+            cmd_encode,
+            "encode a harvest with an SAE into the sparse-feature store (resumable)",
+            _add_encode_args,
+        ),
+        "query": (
+            cmd_query,
+            "query the sparse-feature store: top examples, density, documents, tokens",
+            add_query_args,
+        ),
         "train": (cmd_train, "train an SAE on a harvest's activations (resumable)", _add_train_args),
-        "export": (cmd_export, "export activations or features to parquet / datasets / npy / safetensors",
-                   _add_export_args),
+        "export": (
+            cmd_export,
+            "export activations or features to parquet / datasets / npy / safetensors",
+            _add_export_args,
+        ),
         "eval": (cmd_eval, "evaluate an SAE on a harvest: reconstruction, latents, spliced CE loss", add_eval_args),
-        "transfer": (cmd_transfer, "compare two models' activations on the same tokens and transfer their SAEs",
-                     add_transfer_args),
-        "direction": (cmd_direction, "difference-in-means direction between two token sets of a harvest site",
-                      add_direction_args),
-        "attribute": (cmd_attribute, "attribution patching of SAE features from a harvest's stored gradients",
-                      add_attribute_args),
-        "forecast": (cmd_forecast, "fit scaling laws to the store's losses and SAE evaluations, and forecast",
-                     add_forecast_args),
-        "dashboard": (cmd_dashboard, "render a static HTML feature dashboard for an SAE on a harvest",
-                      add_dashboard_args),
-        "synthetic": (cmd_synthetic, "write a synthetic activation set (Gaussian mixture, uniform cube) as a harvest",
-                      add_synthetic_args),
-        "run": (cmd_run, "run a pipeline config: ingest, harvest, train, encode, eval, dashboard (resumable)",
-                _add_run_args),
+        "transfer": (
+            cmd_transfer,
+            "compare two models' activations on the same tokens and transfer their SAEs",
+            add_transfer_args,
+        ),
+        "direction": (
+            cmd_direction,
+            "difference-in-means direction between two token sets of a harvest site",
+            add_direction_args,
+        ),
+        "attribute": (
+            cmd_attribute,
+            "attribution patching of SAE features from a harvest's stored gradients",
+            add_attribute_args,
+        ),
+        "forecast": (
+            cmd_forecast,
+            "fit scaling laws to the store's losses and SAE evaluations, and forecast",
+            add_forecast_args,
+        ),
+        "dashboard": (
+            cmd_dashboard,
+            "render a static HTML feature dashboard for an SAE on a harvest",
+            add_dashboard_args,
+        ),
+        "synthetic": (
+            cmd_synthetic,
+            "write a synthetic activation set (Gaussian mixture, uniform cube) as a harvest",
+            add_synthetic_args,
+        ),
+        "run": (
+            cmd_run,
+            "run a pipeline config: ingest, harvest, train, encode, eval, dashboard (resumable)",
+            _add_run_args,
+        ),
         "serve": (cmd_serve, "serve a pipeline config as a scheduled Prefect deployment", _add_serve_args),
         "ls": (cmd_ls, "list what the store holds", lambda p: None),
-        "demo": (cmd_demo, "ingest, harvest, train an SAE, encode: the embedded default model on pydocs",
-                 _add_demo_args),
+        "demo": (
+            cmd_demo,
+            "ingest, harvest, train an SAE, encode: the embedded default model on pydocs",
+            _add_demo_args,
+        ),
     }
     for name, (fn, help_text, add_args) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

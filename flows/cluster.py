@@ -51,9 +51,15 @@ class Cluster(NamedTuple):
             return DaskTaskRunner(address=self.address)
         without_malloc_trim()
         # one thread per worker process: hooks live on each worker's one cached model (see harvest.MODEL_LOCK)
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": self.local_workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={
+                "n_workers": self.local_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            },
+        )
 
 
 def without_malloc_trim() -> None:
@@ -82,8 +88,10 @@ def connect(address: str | None, workers: int | None) -> Cluster:
             count = len(workers)
             gpus = sum(1 for w in workers if w.get("resources", {}).get("GPU", 0) > 0)
     except (OSError, TimeoutError) as err:
-        raise UserError(f"dask scheduler {address} does not answer ({type(err).__name__}): start it "
-                        "(infra/start-dask-scheduler.sh) or fix --dask / run.dask_address") from None
+        raise UserError(
+            f"dask scheduler {address} does not answer ({type(err).__name__}): start it "
+            "(infra/start-dask-scheduler.sh) or fix --dask / run.dask_address"
+        ) from None
     if count == 0:
         raise UserError(f"dask scheduler {address} has no workers: start some (infra/start-dask-workers.sh)")
     return Cluster(address=address, workers=count, gpus=gpus)
@@ -126,8 +134,14 @@ def on_model_device(device: str, cluster: Cluster) -> Iterator[None]:
         yield
 
 
-def run_shards(task: Task[..., dict[str, Any]], args: Sequence[tuple[Any, ...]], cluster: Cluster, device: str,
-               missing: Callable[[tuple[int, ...]], tuple[int, ...]], what: str) -> list[dict[str, Any]]:
+def run_shards(
+    task: Task[..., dict[str, Any]],
+    args: Sequence[tuple[Any, ...]],
+    cluster: Cluster,
+    device: str,
+    missing: Callable[[tuple[int, ...]], tuple[int, ...]],
+    what: str,
+) -> list[dict[str, Any]]:
     """Run one task per shard (the last argument of each `args` tuple is its chunks) and return their stats.
 
     `missing(chunks)` asks the store which of a shard's chunks are not yet durable."""
@@ -144,13 +158,23 @@ def run_shards(task: Task[..., dict[str, Any]], args: Sequence[tuple[Any, ...]],
         if user_errors:
             raise user_errors[0]
     chunks = sorted(c for a in todo for c in a[-1])
-    raise UserError(f"{what}: chunks {chunks[:8]} still missing after {RECOVERY_PASSES + 1} passes "
-                    f"(last error: {failures[-1] if failures else 'none'}): re-run to resume")
+    raise UserError(
+        f"{what}: chunks {chunks[:8]} still missing after {RECOVERY_PASSES + 1} passes "
+        f"(last error: {failures[-1] if failures else 'none'}): re-run to resume"
+    )
 
 
-def _run_pass(task: Task[..., dict[str, Any]], todo: list[tuple[Any, ...]], cluster: Cluster, device: str,
-              results: list[dict[str, Any]], progress: Any, total: int,
-              missing: Callable[[tuple[int, ...]], tuple[int, ...]], what: str) -> list[BaseException]:
+def _run_pass(
+    task: Task[..., dict[str, Any]],
+    todo: list[tuple[Any, ...]],
+    cluster: Cluster,
+    device: str,
+    results: list[dict[str, Any]],
+    progress: Any,
+    total: int,
+    missing: Callable[[tuple[int, ...]], tuple[int, ...]],
+    what: str,
+) -> list[BaseException]:
     failures: list[BaseException] = []
     left = [missing(args[-1]) for args in todo]  # asked once per pass: each shard that returns has written these
     done = total - sum(map(len, left))

@@ -68,16 +68,29 @@ def plan_dashboard(store_root: str, sae_id: str, harvest_id: str, out: str | Non
     corpus = store.manifest("corpus", harvest.extra["corpus_id"])
     encoded = read_manifest(store.features_dir(sae_id, harvest_id))
     site_dir = Path(out).expanduser() if out else default_site_dir(store_root, sae_id, harvest_id)
-    if site_dir.exists() and (not site_dir.is_dir() or (any(site_dir.iterdir())
-                                                        and not (site_dir / RECORD_NAME).is_file())):
+    if site_dir.exists() and (
+        not site_dir.is_dir() or (any(site_dir.iterdir()) and not (site_dir / RECORD_NAME).is_file())
+    ):
         raise UserError(f"{site_dir} exists and is not a dashboard: choose a new or empty directory for --out")
     site = str(encoded.extra["site"]) if encoded else ""
     config = features.config
-    facts = {"SAE": sae_id, "harvest": harvest_id, "site": site, "model": str(harvest.config["model"]["name"]),
-             "tokens": f"{config.n_tokens:,}", "features": f"{config.d_sae:,}",
-             "non-zeros": f"{features.index.nnz:,}"}
-    return DashboardPlan(str(site_dir), site, int(corpus.config["ctx_len"]),
-                         ModelConfig.model_validate(harvest.config["model"]), f"{sae_id} on {harvest_id}", facts)
+    facts = {
+        "SAE": sae_id,
+        "harvest": harvest_id,
+        "site": site,
+        "model": str(harvest.config["model"]["name"]),
+        "tokens": f"{config.n_tokens:,}",
+        "features": f"{config.d_sae:,}",
+        "non-zeros": f"{features.index.nnz:,}",
+    }
+    return DashboardPlan(
+        str(site_dir),
+        site,
+        int(corpus.config["ctx_len"]),
+        ModelConfig.model_validate(harvest.config["model"]),
+        f"{sae_id} on {harvest_id}",
+        facts,
+    )
 
 
 @task(name="dashboard-logit-tokens", cache_policy=NO_CACHE)
@@ -87,16 +100,24 @@ def logit_tokens(store_root: str, sae_id: str, model: ModelConfig, device: str, 
     sae = load(Store(store_root).sae_dir(sae_id))
     w_u = unembedding(cached_model(model, str(pick_device(device))))
     if sae.d_in != w_u.shape[0]:
-        get_run_logger().warning("SAE width %d is not the model's residual width %d: no logit tokens", sae.d_in,
-                                 w_u.shape[0])
+        get_run_logger().warning(
+            "SAE width %d is not the model's residual width %d: no logit tokens", sae.d_in, w_u.shape[0]
+        )
         return None
     top = top_tokens(sae.W_dec.detach(), w_u, k)
     return LogitTokens(*(t.numpy() for t in top))
 
 
 @task(name="render-dashboard", cache_policy=NO_CACHE)
-def render(store_root: str, sae_id: str, harvest_id: str, plan: DashboardPlan, options: DashboardOptions,
-           logits: LogitTokens | None, workers: int) -> dict[str, Any]:
+def render(
+    store_root: str,
+    sae_id: str,
+    harvest_id: str,
+    plan: DashboardPlan,
+    options: DashboardOptions,
+    logits: LogitTokens | None,
+    workers: int,
+) -> dict[str, Any]:
     """Gather, plot and write the whole site into a staged directory, then publish it in one rename."""
     store = Store(store_root)
     tokenizer = load_tokenizer(plan.model)
@@ -116,10 +137,18 @@ def render(store_root: str, sae_id: str, harvest_id: str, plan: DashboardPlan, o
         pages = write_site(staging, data, lambda ids: tokenizer.decode(list(ids)), info, logits, workers)
         timings["pages_s"] = time.perf_counter() - mark
         timings["total_s"] = time.perf_counter() - start
-        record = {"sae_id": sae_id, "harvest_id": harvest_id, "site": plan.site, "options": options._asdict(),
-                  "pages": pages, "dead": int((data.index["count"] == 0).sum()), "plots": [p.file for p in plots],
-                  "headline": results.headline, "headline_source": results.headline_source,
-                  "timings": {k: round(v, 3) for k, v in timings.items()}}
+        record = {
+            "sae_id": sae_id,
+            "harvest_id": harvest_id,
+            "site": plan.site,
+            "options": options._asdict(),
+            "pages": pages,
+            "dead": int((data.index["count"] == 0).sum()),
+            "plots": [p.file for p in plots],
+            "headline": results.headline,
+            "headline_source": results.headline_source,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
         (staging / RECORD_NAME).write_text(json.dumps(record, indent=2, default=float) + "\n")
     return record
 
@@ -130,8 +159,16 @@ def artifact_key(sae_id: str, harvest_id: str) -> str:
 
 
 @flow(name="dashboard")
-def dashboard(store_root: str, sae_id: str, harvest_id: str, out: str | None = None, logits: bool = True,
-              device: str = "auto", options: DashboardOptions | None = None, workers: int | None = None) -> Path:
+def dashboard(
+    store_root: str,
+    sae_id: str,
+    harvest_id: str,
+    out: str | None = None,
+    logits: bool = True,
+    device: str = "auto",
+    options: DashboardOptions | None = None,
+    workers: int | None = None,
+) -> Path:
     """SAE x harvest -> a static site (index + one page per feature that fires); returns its directory.
 
     `logits`: compute each feature's top logit tokens (loads the harvest's model on `device`); `out`: where to
@@ -142,12 +179,15 @@ def dashboard(store_root: str, sae_id: str, harvest_id: str, out: str | None = N
     top = logit_tokens(store_root, sae_id, plan.model, device, LOGIT_TOKENS) if logits else None
     record = render(store_root, sae_id, harvest_id, plan, options, top, workers or os.cpu_count() or 1)
     site = Path(plan.site_dir).resolve()
-    numbers = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                        for k, v in record["headline"].items())
+    numbers = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in record["headline"].items()
+    )
     create_link_artifact(
-        link=(site / "index.html").as_uri(), link_text=f"dashboard of {sae_id}", key=artifact_key(sae_id, harvest_id),
+        link=(site / "index.html").as_uri(),
+        link_text=f"dashboard of {sae_id}",
+        key=artifact_key(sae_id, harvest_id),
         description=f"{record['pages']} feature pages, {record['dead']} dead features; "
-                    f"{html.escape(record['headline_source'])}\n\n| metric | value |\n|---|---|\n{numbers}",
+        f"{html.escape(record['headline_source'])}\n\n| metric | value |\n|---|---|\n{numbers}",
     )
     return site
 

@@ -90,8 +90,12 @@ def gather(
         if "feature" not in extra.columns:
             raise UserError(f"extra per-feature columns {extra.columns} lack a `feature` column: add one")
         columns = ["feature", *(c for c in extra.columns if c not in index.columns)]
-        index = index.join(extra.select(columns).with_columns(pl.col("feature").cast(pl.Int32)), on="feature",
-                           how="left", maintain_order="left")
+        index = index.join(
+            extra.select(columns).with_columns(pl.col("feature").cast(pl.Int32)),
+            on="feature",
+            how="left",
+            maintain_order="left",
+        )
     top = top_examples(summary, options.top_k)
     counts = summary["count"].to_numpy()
     parts = [part for part in queries.index.by_feature if part.rows]
@@ -113,8 +117,9 @@ def gather(
         first += len(result.examples)
     examples_frame = pl.concat(examples) if examples else _EMPTY_EXAMPLES
     window_frame = _with_token_ids(pl.concat(windows) if windows else _EMPTY_WINDOWS, queries.tokens)
-    return FeatureData(index, examples_frame, window_frame, histogram_range, histogram,
-                       cooccurrence(queries, top, options.cooccurring))
+    return FeatureData(
+        index, examples_frame, window_frame, histogram_range, histogram, cooccurrence(queries, top, options.cooccurring)
+    )
 
 
 def _check(options: DashboardOptions, ctx_len: int) -> None:
@@ -170,9 +175,17 @@ def quantile_ranks(counts: np.ndarray, quantiles: Sequence[float], per_bucket: i
         local = np.repeat(np.arange(len(n)), take)
         j = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
         rank = low[local] + (j * size[local]) // np.maximum(take[local], 1)
-        frames.append(pl.DataFrame({"local": local, "bucket": np.full(len(local), bucket, np.int8),
-                                    "q_low": np.full(len(local), q_low), "q_high": np.full(len(local), q_high),
-                                    "rank": rank}))
+        frames.append(
+            pl.DataFrame(
+                {
+                    "local": local,
+                    "bucket": np.full(len(local), bucket, np.int8),
+                    "q_low": np.full(len(local), q_low),
+                    "q_high": np.full(len(local), q_high),
+                    "rank": rank,
+                }
+            )
+        )
     return pl.concat(frames)
 
 
@@ -185,7 +198,11 @@ class _PartResult(NamedTuple):
 
 
 def _scan_part(
-    queries: FeatureQueries, part: PartRange, counts: np.ndarray, top: pl.DataFrame, options: DashboardOptions,
+    queries: FeatureQueries,
+    part: PartRange,
+    counts: np.ndarray,
+    top: pl.DataFrame,
+    options: DashboardOptions,
     ctx_len: int,
 ) -> _PartResult:
     """Histograms, quantile examples and window activations of the features of one by_feature part."""
@@ -223,15 +240,24 @@ def _scan_part(
             value=pl.Series(value[row]),
         )
         .sort("feature", "bucket", "row")
-        .select("feature", section=pl.lit(1, pl.Int8), bucket="bucket", q_low="q_low", q_high="q_high",
-                rank=pl.col("rank").cast(pl.Int32), tok="tok", value="value")
+        .select(
+            "feature",
+            section=pl.lit(1, pl.Int8),
+            bucket="bucket",
+            q_low="q_low",
+            q_high="q_high",
+            rank=pl.col("rank").cast(pl.Int32),
+            tok="tok",
+            value="value",
+        )
     )
     mine = top.filter(pl.col("feature").is_between(part.start, part.stop, closed="left"))
     examples = pl.concat([mine, quantile]).sort("feature", "section", maintain_order=True).with_row_index("example")
 
     windows = _windows(examples["feature"].to_numpy(), examples["tok"].to_numpy(), options.context, ctx_len)
-    windows = windows.with_columns(value=pl.Series(_lookup(triples, windows["feature"].to_numpy(),
-                                                           windows["tok"]))).drop("feature")
+    windows = windows.with_columns(
+        value=pl.Series(_lookup(triples, windows["feature"].to_numpy(), windows["tok"]))
+    ).drop("feature")
     return _PartResult(features, np.stack([low, high], axis=1), histogram, examples, windows)
 
 
@@ -241,12 +267,14 @@ def _windows(feature: np.ndarray, tok: np.ndarray, context: int, ctx_len: int) -
     offsets = np.arange(-context, context + 1, dtype=np.int32)
     toks = tok[:, None] + offsets
     inside = ((toks >= 0) & (toks // ctx_len == (tok // ctx_len)[:, None])).ravel()
-    return pl.DataFrame({
-        "example": np.repeat(np.arange(len(tok), dtype=np.uint32), len(offsets)),
-        "offset": np.tile(offsets, len(tok)),
-        "feature": np.repeat(feature, len(offsets)),
-        "tok": pl.Series(toks.ravel()).set(pl.Series(~inside), None),  # type: ignore[arg-type]
-    })
+    return pl.DataFrame(
+        {
+            "example": np.repeat(np.arange(len(tok), dtype=np.uint32), len(offsets)),
+            "offset": np.tile(offsets, len(tok)),
+            "feature": np.repeat(feature, len(offsets)),
+            "tok": pl.Series(toks.ravel()).set(pl.Series(~inside), None),  # type: ignore[arg-type]
+        }
+    )
 
 
 def _lookup(triples: pl.DataFrame, feature: np.ndarray, tok: pl.Series) -> np.ndarray:
@@ -292,9 +320,9 @@ def cooccurrence(queries: FeatureQueries, top: pl.DataFrame, limit: int) -> pl.D
         return _EMPTY_COOCCURRENCE
     toks = top["tok"].unique()
     lo, hi = int(toks.min()), int(toks.max()) + 1  # type: ignore[arg-type]
-    firing = queries.token_range(lo, hi).filter(pl.col("tok").is_in(toks.implode())).select(
-        "tok", other="feature"
-    ).collect()
+    firing = (
+        queries.token_range(lo, hi).filter(pl.col("tok").is_in(toks.implode())).select("tok", other="feature").collect()
+    )
     d_sae = queries.config.d_sae
     keys = (
         top.select("feature", "tok")
@@ -304,8 +332,11 @@ def cooccurrence(queries: FeatureQueries, top: pl.DataFrame, limit: int) -> pl.D
     )["key"].sort()
     runs = keys.rle().struct.unnest()
     return (
-        runs.select(feature=(pl.col("value") // d_sae).cast(pl.Int32), other=(pl.col("value") % d_sae).cast(pl.Int32),
-                    count=pl.col("len").cast(pl.Int32))
+        runs.select(
+            feature=(pl.col("value") // d_sae).cast(pl.Int32),
+            other=(pl.col("value") % d_sae).cast(pl.Int32),
+            count=pl.col("len").cast(pl.Int32),
+        )
         .filter(pl.col("count") >= pl.col("count").top_k(limit).min().over("feature"))
         .sort("feature", "count", "other", descending=[False, True, False])
         .group_by("feature", maintain_order=True)
@@ -313,9 +344,18 @@ def cooccurrence(queries: FeatureQueries, top: pl.DataFrame, limit: int) -> pl.D
     )
 
 
-_EMPTY_EXAMPLES = pl.DataFrame(schema={"example": pl.UInt32, "feature": pl.Int32, "section": pl.Int8,
-                                       "bucket": pl.Int8, "q_low": pl.Float64, "q_high": pl.Float64,
-                                       "rank": pl.Int32, "tok": pl.Int64, "value": pl.Float32})
-_EMPTY_WINDOWS = pl.DataFrame(schema={"example": pl.UInt32, "offset": pl.Int32, "tok": pl.Int64,
-                                      "value": pl.Float32})
+_EMPTY_EXAMPLES = pl.DataFrame(
+    schema={
+        "example": pl.UInt32,
+        "feature": pl.Int32,
+        "section": pl.Int8,
+        "bucket": pl.Int8,
+        "q_low": pl.Float64,
+        "q_high": pl.Float64,
+        "rank": pl.Int32,
+        "tok": pl.Int64,
+        "value": pl.Float32,
+    }
+)
+_EMPTY_WINDOWS = pl.DataFrame(schema={"example": pl.UInt32, "offset": pl.Int32, "tok": pl.Int64, "value": pl.Float32})
 _EMPTY_COOCCURRENCE = pl.DataFrame(schema={"feature": pl.Int32, "other": pl.Int32, "count": pl.Int32})

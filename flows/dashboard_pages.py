@@ -65,8 +65,10 @@ def display_text(text: str) -> str:
 def token_texts(ids: np.ndarray, decode: Decode) -> pl.DataFrame:
     """token_id -> escaped display text of each distinct id (decoded one token at a time, as the store does)."""
     unique = np.unique(np.asarray(ids, dtype=np.int64))
-    return pl.DataFrame({"token_id": unique.astype(np.int32), "text": [display_text(decode([int(i)])) for i in unique]},
-                        schema={"token_id": pl.Int32, "text": pl.String})
+    return pl.DataFrame(
+        {"token_id": unique.astype(np.int32), "text": [display_text(decode([int(i)])) for i in unique]},
+        schema={"token_id": pl.Int32, "text": pl.String},
+    )
 
 
 def _number(column: str, dtype: pl.DataType) -> pl.Expr:
@@ -124,7 +126,7 @@ def example_blocks(data: FeatureData, texts: pl.DataFrame) -> pl.DataFrame:
             .then(pl.col("rows"))
             .otherwise(
                 pl.concat_str(
-                    pl.lit('<h3>activation ranks in quantiles '),
+                    pl.lit("<h3>activation ranks in quantiles "),
                     pl.col("q_low").round(3).cast(pl.String),
                     pl.lit("–"),
                     pl.col("q_high").round(3).cast(pl.String),
@@ -154,15 +156,19 @@ def _shade_attributes(windows: pl.DataFrame) -> pl.Series:
     """` style="--a:53%" title="1.234"` for tokens where the feature fires (shade = value / the feature's max),
     empty elsewhere; formatted only where it fires, since formatting floats is the costly part."""
     firing = np.flatnonzero(windows["value"].to_numpy())
-    attributes = windows[firing].select(
-        pl.concat_str(
-            pl.lit(' style="--a:'),
-            (pl.col("value") / pl.col("fmax") * 100).clip(0, 100).round().cast(pl.Int32).cast(pl.String),
-            pl.lit('%" title="'),
-            pl.col("value").round(3).cast(pl.String),
-            pl.lit('"'),
+    attributes = (
+        windows[firing]
+        .select(
+            pl.concat_str(
+                pl.lit(' style="--a:'),
+                (pl.col("value") / pl.col("fmax") * 100).clip(0, 100).round().cast(pl.Int32).cast(pl.String),
+                pl.lit('%" title="'),
+                pl.col("value").round(3).cast(pl.String),
+                pl.lit('"'),
+            )
         )
-    ).to_series()
+        .to_series()
+    )
     return pl.repeat("", len(windows), eager=True).scatter(firing, attributes)
 
 
@@ -176,8 +182,9 @@ def histogram_svg(low: float, high: float, counts: np.ndarray) -> str:
     bars = "".join(
         f'<rect x="{i * bar:.1f}" y="{height - pad - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}">'
         f"<title>{a:.3g}–{b:.3g}: {c}</title></rect>"
-        for i, (h, a, b, c) in enumerate(zip(heights.tolist(), edges[:-1].tolist(), edges[1:].tolist(),
-                                             counts.tolist(), strict=True))
+        for i, (h, a, b, c) in enumerate(
+            zip(heights.tolist(), edges[:-1].tolist(), edges[1:].tolist(), counts.tolist(), strict=True)
+        )
     )
     return (
         f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
@@ -196,8 +203,10 @@ def _stat(value: object) -> str:
 
 
 def _logit_list(ids: np.ndarray, values: np.ndarray, text: Mapping[int, str]) -> str:
-    return "".join(f'<li><span class="tok">{text[int(i)]}</span> <span class="v">{v:+.3f}</span></li>'
-                   for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+    return "".join(
+        f'<li><span class="tok">{text[int(i)]}</span> <span class="v">{v:+.3f}</span></li>'
+        for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+    )
 
 
 def feature_page(
@@ -220,13 +229,22 @@ def feature_page(
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_stat(v)}</td></tr>" for k, v in stats.items())
     logit_html = ""
     if logits is not None:
-        logit_html = (f'<section id="logits"><h2>Top logit tokens</h2><div class="cols">'
-                      f'<div><h3>promoted</h3><ol class="logits pos">{logits[0]}</ol></div>'
-                      f'<div><h3>suppressed</h3><ol class="logits neg">{logits[1]}</ol></div></div></section>')
-    co = "".join(f'<li><a href="{other}.html">{other}</a> <span class="v">{count}</span></li>'
-                 for other, count in cooccurring)
-    co_html = (f'<section id="cooccurring"><h2>Co-occurring features</h2><p class="note">features that also fire '
-               f'on this feature\'s top examples, with on how many</p><ol class="co">{co}</ol></section>') if co else ""
+        logit_html = (
+            f'<section id="logits"><h2>Top logit tokens</h2><div class="cols">'
+            f'<div><h3>promoted</h3><ol class="logits pos">{logits[0]}</ol></div>'
+            f'<div><h3>suppressed</h3><ol class="logits neg">{logits[1]}</ol></div></div></section>'
+        )
+    co = "".join(
+        f'<li><a href="{other}.html">{other}</a> <span class="v">{count}</span></li>' for other, count in cooccurring
+    )
+    co_html = (
+        (
+            f'<section id="cooccurring"><h2>Co-occurring features</h2><p class="note">features that also fire '
+            f'on this feature\'s top examples, with on how many</p><ol class="co">{co}</ol></section>'
+        )
+        if co
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Feature {feature} · {html.escape(title)}</title>
 <link rel="stylesheet" href="../static/style.css"></head>
@@ -254,20 +272,24 @@ def index_rows(index: pl.DataFrame, top_text: pl.DataFrame) -> tuple[list[tuple[
     numeric = {c: dtype for c, dtype in index.schema.items() if dtype.is_numeric() and c not in _HIDDEN_INDEX_COLUMNS}
     live = index.filter(pl.col("count") > 0).join(top_text, on="feature", how="left", maintain_order="left")
     cells = [pl.concat_str(pl.lit("<td>"), _number(c, dtype), pl.lit("</td>")) for c, dtype in numeric.items()]
-    rows = live.with_row_index("position").select(
-        pl.concat_str(
-            pl.when(pl.col("position") < INDEX_PAGE_ROWS).then(pl.lit("<tr>")).otherwise(pl.lit("<tr hidden>")),
-            pl.lit('<td><a href="features/'),
-            pl.col("feature").cast(pl.String),
-            pl.lit('.html">'),
-            pl.col("feature").cast(pl.String),
-            pl.lit("</a></td>"),
-            *cells,
-            pl.lit('<td class="tok">'),
-            pl.col("text").fill_null(""),
-            pl.lit("</td></tr>"),
-        ).str.join("\n")
-    ).item()
+    rows = (
+        live.with_row_index("position")
+        .select(
+            pl.concat_str(
+                pl.when(pl.col("position") < INDEX_PAGE_ROWS).then(pl.lit("<tr>")).otherwise(pl.lit("<tr hidden>")),
+                pl.lit('<td><a href="features/'),
+                pl.col("feature").cast(pl.String),
+                pl.lit('.html">'),
+                pl.col("feature").cast(pl.String),
+                pl.lit("</a></td>"),
+                *cells,
+                pl.lit('<td class="tok">'),
+                pl.col("text").fill_null(""),
+                pl.lit("</td></tr>"),
+            ).str.join("\n")
+        )
+        .item()
+    )
     columns = [("feature", "num"), *((c, "num") for c in numeric), ("top token", "text")]
     return columns, rows or ""
 
@@ -276,17 +298,27 @@ def index_page(info: SiteInfo, columns: Sequence[tuple[str, str]], rows: str, n_
     """The HTML of the index: facts, headline numbers, plots, the sortable, filterable feature table, dead list."""
     facts = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in info.facts.items())
     headline = "".join(f"<tr><th>{html.escape(k)}</th><td>{_stat(v)}</td></tr>" for k, v in info.headline.items())
-    plots = "".join(f'<figure><img src="{html.escape(p.file)}" alt="{html.escape(p.title)}">'
-                    f"<figcaption>{html.escape(p.title)}</figcaption></figure>" for p in info.plots)
+    plots = "".join(
+        f'<figure><img src="{html.escape(p.file)}" alt="{html.escape(p.title)}">'
+        f"<figcaption>{html.escape(p.title)}</figcaption></figure>"
+        for p in info.plots
+    )
     heads = "".join(f'<th data-type="{kind}" tabindex="0">{html.escape(name)}</th>' for name, kind in columns)
     filters = "".join(
         '<th><input type="number" step="any" placeholder="min" aria-label="min"><input type="number" step="any" '
-        'placeholder="max" aria-label="max"></th>' if kind == "num" else
-        '<th><input type="search" placeholder="contains" aria-label="contains"></th>'
+        'placeholder="max" aria-label="max"></th>'
+        if kind == "num"
+        else '<th><input type="search" placeholder="contains" aria-label="contains"></th>'
         for _, kind in columns
     )
-    dead_html = (f'<details id="dead"><summary>{len(dead)} features never fire</summary>'
-                 f'<p class="dead">{" ".join(map(str, dead))}</p></details>') if dead else ""
+    dead_html = (
+        (
+            f'<details id="dead"><summary>{len(dead)} features never fire</summary>'
+            f'<p class="dead">{" ".join(map(str, dead))}</p></details>'
+        )
+        if dead
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(info.title)}</title>
 <link rel="stylesheet" href="static/style.css"></head>
@@ -355,8 +387,10 @@ def write_site(
             feature = live[position]
             logit_html = None
             if logits is not None:
-                logit_html = (_logit_list(logits.positive_ids[feature], logits.positive_values[feature], text_of),
-                              _logit_list(logits.negative_ids[feature], logits.negative_values[feature], text_of))
+                logit_html = (
+                    _logit_list(logits.positive_ids[feature], logits.positive_values[feature], text_of),
+                    _logit_list(logits.negative_ids[feature], logits.negative_values[feature], text_of),
+                )
             page = feature_page(
                 feature,
                 {k: v for k, v in stats[feature].items() if k != "feature"},

@@ -31,10 +31,21 @@ def l0_vs_explained_variance(saes: pl.DataFrame, current: str, path: Path) -> No
     for source, marker in (("eval", "o"), ("training holdout", "s")):
         rows = saes.filter(pl.col("source") == source)
         others, mine = rows.filter(pl.col("sae_id") != current), rows.filter(pl.col("sae_id") == current)
-        ax.scatter(others["l0"], others["explained_variance"], marker=marker, color=_GREY,
-                   label=f"other SAEs ({source})" if len(others) else None)
-        ax.scatter(mine["l0"], mine["explained_variance"], marker=marker, color=_ACCENT, s=60,
-                   label=f"this SAE ({source})" if len(mine) else None)
+        ax.scatter(
+            others["l0"],
+            others["explained_variance"],
+            marker=marker,
+            color=_GREY,
+            label=f"other SAEs ({source})" if len(others) else None,
+        )
+        ax.scatter(
+            mine["l0"],
+            mine["explained_variance"],
+            marker=marker,
+            color=_ACCENT,
+            s=60,
+            label=f"this SAE ({source})" if len(mine) else None,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel("explained variance")
@@ -77,8 +88,12 @@ def transfer_histograms(histograms: pl.DataFrame, path: Path) -> None:
         for (transfer_id, site), rows in histograms.filter(pl.col("measure") == measure).group_by(
             "transfer_id", "site", maintain_order=True
         ):
-            ax.stairs(rows["count"].to_numpy(), np.append(rows["lo"].to_numpy(), rows["hi"][-1]),
-                      label=f"{site} ({transfer_id})", fill=False)
+            ax.stairs(
+                rows["count"].to_numpy(),
+                np.append(rows["lo"].to_numpy(), rows["hi"][-1]),
+                label=f"{site} ({transfer_id})",
+                fill=False,
+            )
         ax.set_xlabel(measure)
         ax.set_ylabel("tokens")
         ax.legend(fontsize=7)
@@ -93,8 +108,7 @@ def width_scaling(width: WidthFit, path: Path) -> None:
     grid = np.geomspace(n.min(), n.max() * 4, 100)
     p = width.fit.params
     ax.scatter(n, fvu, color=_ACCENT, label="evaluated SAEs", zorder=3)
-    ax.plot(grid, width.fit.predict(grid), color=_HOT,
-            label=f"{p['E']:.3g} + {p['A']:.3g} / n^{p['alpha']:.3g}")
+    ax.plot(grid, width.fit.predict(grid), color=_HOT, label=f"{p['E']:.3g} + {p['A']:.3g} / n^{p['alpha']:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("latents (n)")
@@ -114,14 +128,18 @@ def write_plots(site: Path, results: Results, sae_id: str, density: np.ndarray) 
         return target / name
 
     if len(results.saes):
-        l0_vs_explained_variance(results.saes, sae_id, add("L0 vs explained variance of the SAEs in the store",
-                                                           "l0_vs_explained_variance.png"))
+        l0_vs_explained_variance(
+            results.saes,
+            sae_id,
+            add("L0 vs explained variance of the SAEs in the store", "l0_vs_explained_variance.png"),
+        )
     density_histogram(density, int((density == 0).sum()), add("feature density", "density.png"))
     if results.per_token is not None:
         mse_vs_l0(results.per_token, add("per-token MSE vs L0", "mse_vs_l0.png"))
     if results.transfer_histograms is not None:
-        transfer_histograms(results.transfer_histograms, add("transfer: the two models on the same tokens",
-                                                             "transfer.png"))
+        transfer_histograms(
+            results.transfer_histograms, add("transfer: the two models on the same tokens", "transfer.png")
+        )
     if results.width_fit is not None:
         width_scaling(results.width_fit, add("scaling: FVU vs SAE width", "width_scaling.png"))
     return plots

@@ -54,8 +54,7 @@ class Results(NamedTuple):
 def sae_points(store: Store) -> pl.DataFrame:
     """(L0, explained variance) of every SAE in the store: one point per evaluation, plus the holdout evaluation
     recorded at training for SAEs with no evaluation of their own."""
-    evals = store.evals().select("sae_id", "harvest_id", "l0", "explained_variance",
-                                 source=pl.lit("eval")).collect()
+    evals = store.evals().select("sae_id", "harvest_id", "l0", "explained_variance", source=pl.lit("eval")).collect()
     evaluated = set(evals["sae_id"].to_list())
     trained = []
     for entry in store.ls():
@@ -64,17 +63,33 @@ def sae_points(store: Store) -> pl.DataFrame:
         extra = store.manifest("sae", entry.id).extra
         holdout = extra.get("eval_holdout") or {}
         if "l0" in holdout and "explained_variance" in holdout:
-            trained.append({"sae_id": entry.id, "harvest_id": extra.get("harvest_id"), "l0": holdout["l0"],
-                            "explained_variance": holdout["explained_variance"], "source": "training holdout"})
-    schema = {"sae_id": pl.String, "harvest_id": pl.String, "l0": pl.Float64, "explained_variance": pl.Float64,
-              "source": pl.String}
+            trained.append(
+                {
+                    "sae_id": entry.id,
+                    "harvest_id": extra.get("harvest_id"),
+                    "l0": holdout["l0"],
+                    "explained_variance": holdout["explained_variance"],
+                    "source": "training holdout",
+                }
+            )
+    schema = {
+        "sae_id": pl.String,
+        "harvest_id": pl.String,
+        "l0": pl.Float64,
+        "explained_variance": pl.Float64,
+        "source": pl.String,
+    }
     return pl.concat([evals.cast(schema), pl.DataFrame(trained, schema=schema)])  # type: ignore[arg-type]
 
 
 def _eval_row(store: Store, sae_id: str, harvest_id: str) -> dict[str, Any] | None:
     """The SAE's evaluation on this harvest: the holdout split's when there are several."""
-    rows = (store.evals().filter((pl.col("sae_id") == sae_id) & (pl.col("harvest_id") == harvest_id))
-            .sort(pl.col("split") != "holdout", "eval_id").collect())
+    rows = (
+        store.evals()
+        .filter((pl.col("sae_id") == sae_id) & (pl.col("harvest_id") == harvest_id))
+        .sort(pl.col("split") != "holdout", "eval_id")
+        .collect()
+    )
     return rows.row(0, named=True) if len(rows) else None
 
 
@@ -95,19 +110,31 @@ def _per_token(store: Store, row: dict[str, Any] | None, d_in: int | None) -> pl
     directory = store.eval_dir(row["eval_id"])
     if not (directory / "per_token.parquet").is_file():
         return None
-    tokens = (store.eval_table(row["eval_id"], "per_token").filter(~pl.col("excluded"))
-              .select("l0", mse=pl.col("sq_error") / d_in).drop_nulls().collect())
+    tokens = (
+        store.eval_table(row["eval_id"], "per_token")
+        .filter(~pl.col("excluded"))
+        .select("l0", mse=pl.col("sq_error") / d_in)
+        .drop_nulls()
+        .collect()
+    )
     if len(tokens) > PER_TOKEN_POINTS:
         tokens = tokens.sample(PER_TOKEN_POINTS, seed=0)
     return tokens if len(tokens) else None
 
 
-def _transfers(store: Store, sae_id: str, harvest_id: str, site: str) -> tuple[pl.DataFrame | None,
-                                                                                pl.DataFrame | None]:
+def _transfers(
+    store: Store, sae_id: str, harvest_id: str, site: str
+) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
     """Histograms of the transfers involving this harvest (this site's when it has one), and the per-feature
     transfer columns of this SAE (from the first transfer, by id, that has them)."""
-    involved = (store.transfers().filter((pl.col("harvest_a") == harvest_id) | (pl.col("harvest_b") == harvest_id))
-                .select("transfer_id", "site").unique().sort("transfer_id", "site").collect())
+    involved = (
+        store.transfers()
+        .filter((pl.col("harvest_a") == harvest_id) | (pl.col("harvest_b") == harvest_id))
+        .select("transfer_id", "site")
+        .unique()
+        .sort("transfer_id", "site")
+        .collect()
+    )
     histograms, per_feature = [], None
     for transfer_id in involved["transfer_id"].unique(maintain_order=True).to_list():
         directory = store.transfer_dir(transfer_id)
@@ -115,8 +142,9 @@ def _transfers(store: Store, sae_id: str, harvest_id: str, site: str) -> tuple[p
             table = store.transfer_table(transfer_id, "histograms").collect()
             if site in table["site"].to_list():
                 table = table.filter(pl.col("site") == site)
-            histograms.append(table.select(pl.lit(transfer_id).alias("transfer_id"), "site", "measure", "lo", "hi",
-                                           "count"))
+            histograms.append(
+                table.select(pl.lit(transfer_id).alias("transfer_id"), "site", "measure", "lo", "hi", "count")
+            )
         if per_feature is None and (directory / "feature_transfer.parquet").is_file():
             mine = store.transfer_table(transfer_id, "feature_transfer").filter(pl.col("sae_id") == sae_id).collect()
             if len(mine):
@@ -130,14 +158,26 @@ def _transfers(store: Store, sae_id: str, harvest_id: str, site: str) -> tuple[p
 def width_fit(store: Store, harvest_id: str, site: str) -> WidthFit | None:
     """FVU against width of the SAEs evaluated on this harvest site, with `E + A / n^α` fitted, when enough
     distinct widths were evaluated (one point per SAE: its holdout evaluation when it has several)."""
-    points = (store.evals().filter((pl.col("harvest_id") == harvest_id) & (pl.col("site") == site)
-                                   & pl.col("fvu").is_not_null() & (pl.col("fvu") > 0) & pl.col("d_sae").is_not_null())
-              .sort(pl.col("split") != "holdout", "eval_id").unique("sae_id", keep="first", maintain_order=True)
-              .select("sae_id", "d_sae", "fvu").sort("d_sae", "sae_id").collect())
+    points = (
+        store.evals()
+        .filter(
+            (pl.col("harvest_id") == harvest_id)
+            & (pl.col("site") == site)
+            & pl.col("fvu").is_not_null()
+            & (pl.col("fvu") > 0)
+            & pl.col("d_sae").is_not_null()
+        )
+        .sort(pl.col("split") != "holdout", "eval_id")
+        .unique("sae_id", keep="first", maintain_order=True)
+        .select("sae_id", "d_sae", "fvu")
+        .sort("d_sae", "sae_id")
+        .collect()
+    )
     if points["d_sae"].n_unique() < MIN_WIDTHS_FOR_FIT:
         return None
-    return WidthFit(points, fit_single(points["d_sae"].to_numpy().astype(np.float64), points["fvu"].to_numpy(),
-                                       name="n_latents"))
+    return WidthFit(
+        points, fit_single(points["d_sae"].to_numpy().astype(np.float64), points["fvu"].to_numpy(), name="n_latents")
+    )
 
 
 def _attributions(store: Store, sae_id: str, harvest_id: str, site: str) -> pl.DataFrame | None:
@@ -148,8 +188,10 @@ def _attributions(store: Store, sae_id: str, harvest_id: str, site: str) -> pl.D
         if manifest is None or manifest.extra.get("site") != site:
             continue
         return pl.read_parquet(directory / PER_FEATURE_NAME).select(
-            pl.col("feature").cast(pl.Int32), pl.col("attribution_sum").alias("attribution"),
-            pl.col("attribution_abs_mean").alias("attribution_abs_mean"))
+            pl.col("feature").cast(pl.Int32),
+            pl.col("attribution_sum").alias("attribution"),
+            pl.col("attribution_abs_mean").alias("attribution_abs_mean"),
+        )
     return None
 
 
@@ -162,7 +204,17 @@ def gather_results(store: Store, sae_id: str, harvest_id: str, site: str) -> Res
     histograms, per_feature = _transfers(store, sae_id, harvest_id, site)
     attributions = _attributions(store, sae_id, harvest_id, site)
     if attributions is not None:
-        per_feature = attributions if per_feature is None else per_feature.join(attributions, on="feature",
-                                                                                 how="full", coalesce=True)
-    return Results(headline, source, sae_points(store), _per_token(store, row, d_in), histograms, per_feature,
-                   width_fit(store, harvest_id, site))
+        per_feature = (
+            attributions
+            if per_feature is None
+            else per_feature.join(attributions, on="feature", how="full", coalesce=True)
+        )
+    return Results(
+        headline,
+        source,
+        sae_points(store),
+        _per_token(store, row, d_in),
+        histograms,
+        per_feature,
+        width_fit(store, harvest_id, site),
+    )

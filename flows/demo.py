@@ -53,42 +53,75 @@ def demo_flow(store_root: str, tokens: int, layer: int | None, device: str, trai
     site = f"blocks.{layer}.hook_resid_post"
     config = HarvestConfig(corpus_id=corpus.id, model=model_cfg, sites=(site,), loss=True)
     harvested = harvest(store_root, config, HarvestRuntime(device=device))
-    sae_train = TrainConfig(architecture="topk", expansion_factor=4, k=32, total_tokens=train_tokens, batch_size=4096,
-                            lr=1e-3, warmup_steps=10, device=str(pick_device(device)))
+    sae_train = TrainConfig(
+        architecture="topk",
+        expansion_factor=4,
+        k=32,
+        total_tokens=train_tokens,
+        batch_size=4096,
+        lr=1e-3,
+        warmup_steps=10,
+        device=str(pick_device(device)),
+    )
     sae = train(store_root, TrainRun(harvest_id=harvested.id, site=site, train=sae_train, checkpoint_every=25))
     features = encode(store_root, sae.id, harvested.id, site, runtime=EncodeRuntime(device=device))
-    evaluated = evaluate(store_root, EvalConfig(sae_id=sae.id, harvest_id=harvested.id, site=site, ce_tokens=CE_TOKENS),
-                         EvalRuntime(device=device))
-    control_cfg = HarvestConfig.model_validate({**config.model_dump(), "loss": False,
-                                                "model": ModelConfig(control=CONTROL)})
+    evaluated = evaluate(
+        store_root,
+        EvalConfig(sae_id=sae.id, harvest_id=harvested.id, site=site, ce_tokens=CE_TOKENS),
+        EvalRuntime(device=device),
+    )
+    control_cfg = HarvestConfig.model_validate(
+        {**config.model_dump(), "loss": False, "model": ModelConfig(control=CONTROL)}
+    )
     control = harvest(store_root, control_cfg, HarvestRuntime(device=device))
     control_sae = train(store_root, TrainRun(harvest_id=control.id, site=site, train=sae_train, checkpoint_every=25))
-    control_eval = evaluate(store_root, EvalConfig(sae_id=control_sae.id, harvest_id=control.id, site=site,
-                                                   ce_tokens=CE_TOKENS), EvalRuntime(device=device))
-    gradient_cfg = HarvestConfig.model_validate({**config.model_dump(), "gradient_metric": "loss",
-                                                 "max_tokens": ATTRIBUTION_TOKENS})
+    control_eval = evaluate(
+        store_root,
+        EvalConfig(sae_id=control_sae.id, harvest_id=control.id, site=site, ce_tokens=CE_TOKENS),
+        EvalRuntime(device=device),
+    )
+    gradient_cfg = HarvestConfig.model_validate(
+        {**config.model_dump(), "gradient_metric": "loss", "max_tokens": ATTRIBUTION_TOKENS}
+    )
     gradients = harvest(store_root, gradient_cfg, HarvestRuntime(device=device))
     attributed = attribute(store_root, sae.id, gradients.id, site=site, runtime=AttributeRuntime(device=device))
     site_dir = dashboard(store_root, sae.id, harvested.id, device=device)
-    return {"corpus_id": corpus.id, "harvest_id": harvested.id, "site": site, "sae_id": sae.id,
-            "dashboard": str(site_dir / "index.html"), "gradient_harvest_id": gradients.id,
-            "attribution": attributed.extra,
-            "n_tokens": harvested.counts["n_tokens"], "tokens_per_s": harvested.timings.get("tokens_per_s"),
-            "eval_id": evaluated.id, "eval": evaluated.extra["summary"], "control_harvest_id": control.id,
-            "control_sae_id": control_sae.id, "control_eval_id": control_eval.id,
-            "control_eval": control_eval.extra["summary"],
-            "nnz": features.counts["nnz"], "alive": features.counts["alive"]}
+    return {
+        "corpus_id": corpus.id,
+        "harvest_id": harvested.id,
+        "site": site,
+        "sae_id": sae.id,
+        "dashboard": str(site_dir / "index.html"),
+        "gradient_harvest_id": gradients.id,
+        "attribution": attributed.extra,
+        "n_tokens": harvested.counts["n_tokens"],
+        "tokens_per_s": harvested.timings.get("tokens_per_s"),
+        "eval_id": evaluated.id,
+        "eval": evaluated.extra["summary"],
+        "control_harvest_id": control.id,
+        "control_sae_id": control_sae.id,
+        "control_eval_id": control_eval.id,
+        "control_eval": control_eval.extra["summary"],
+        "nnz": features.counts["nnz"],
+        "alive": features.counts["alive"],
+    }
 
 
 def print_evaluations(real: dict[str, Any], control: dict[str, Any]) -> None:
     """The SAE's headline numbers next to the same SAE trained on the randomized-weights control."""
-    print(f"\n  SAE evaluation on {real['tokens']:,} holdout tokens (BOS excluded), downstream loss on "
-          f"{real.get('ce_tokens', 0):,}:")
+    print(
+        f"\n  SAE evaluation on {real['tokens']:,} holdout tokens (BOS excluded), downstream loss on "
+        f"{real.get('ce_tokens', 0):,}:"
+    )
     print(f"    {'':28}{'smollm2-135m':>16}{'reinit control':>16}")
-    rows = [("L0", "l0", "{:.1f}"), ("explained variance", "explained_variance", "{:.3f}"),
-            ("CE loss recovered (zero)", "ce_recovered_zero", "{:.3f}"),
-            ("CE loss recovered (mean)", "ce_recovered_mean", "{:.3f}"),
-            ("CE clean / spliced (nats)", None, ""), ("dead latents", "dead", "{:d}")]
+    rows = [
+        ("L0", "l0", "{:.1f}"),
+        ("explained variance", "explained_variance", "{:.3f}"),
+        ("CE loss recovered (zero)", "ce_recovered_zero", "{:.3f}"),
+        ("CE loss recovered (mean)", "ce_recovered_mean", "{:.3f}"),
+        ("CE clean / spliced (nats)", None, ""),
+        ("dead latents", "dead", "{:d}"),
+    ]
     for label, key, fmt in rows:
         if key is None:
             cells = [f"{e['ce_clean']:.2f} / {e['ce_spliced']:.2f}" for e in (real, control)]
@@ -102,8 +135,10 @@ def print_attribution(store: Store, sae_id: str, harvest_id: str, extra: dict[st
     sums, magnitude = extra["sum"], extra["abs_sum"]
     share = magnitude["error"] / max(magnitude["feature"] + magnitude["error"], 1e-12)
     print(f"\n  attribution of loss to features on {harvest_id} (f_i · W_dec[i]·∂loss/∂x, summed over tokens):")
-    print(f"    features {sums['feature']:+.1f}, decoder bias {sums['bias']:+.1f}, error node {sums['error']:+.1f}"
-          f" nats; the error node holds {share:.1%} of the absolute attribution")
+    print(
+        f"    features {sums['feature']:+.1f}, decoder bias {sums['bias']:+.1f}, error node {sums['error']:+.1f}"
+        f" nats; the error node holds {share:.1%} of the absolute attribution"
+    )
     directory = attribution_dir(store, sae_id, harvest_id)
     per_feature = pl.read_parquet(directory / "per_feature.parquet")
     logits = pl.read_parquet(directory / "logit_weights.parquet").select("feature", "positive_tokens")
@@ -112,8 +147,10 @@ def print_attribution(store: Store, sae_id: str, harvest_id: str, extra: dict[st
         print(f"    features that {label}:")
         for row in rows.iter_rows(named=True):
             promoted = " ".join(repr(t) for t in row["positive_tokens"][:4])
-            print(f"      {row['feature']:5d}  {row['attribution_sum']:+8.2f} over {row['count']:,} tokens; "
-                  f"promotes {promoted}")
+            print(
+                f"      {row['feature']:5d}  {row['attribution_sum']:+8.2f} over {row['count']:,} tokens; "
+                f"promotes {promoted}"
+            )
 
 
 def run_demo(store_root: str, tokens: int, layer: int | None, device: str, train_tokens: int) -> dict[str, Any]:
@@ -125,10 +162,15 @@ def run_demo(store_root: str, tokens: int, layer: int | None, device: str, train
     splits = store.tokens(summary["corpus_id"]).group_by("split").len().collect().sort("split")
     ev = summary["eval"]
     print(f"\nstore {store.root.resolve()}")
-    print(f"  corpus   {summary['corpus_id']}: {summary['n_tokens']:,} tokens in windows of {CTX_LEN} ("
-          + ", ".join(f"{r['split']} {r['len']:,}" for r in splits.iter_rows(named=True)) + ")")
-    print(f"  harvest  {hid}: {site} {acts.shape} {acts.dtype} + loss; {summary['tokens_per_s']} tokens/s; "
-          f"mean next-token loss {np.nanmean(losses):.3f} nats")
+    print(
+        f"  corpus   {summary['corpus_id']}: {summary['n_tokens']:,} tokens in windows of {CTX_LEN} ("
+        + ", ".join(f"{r['split']} {r['len']:,}" for r in splits.iter_rows(named=True))
+        + ")"
+    )
+    print(
+        f"  harvest  {hid}: {site} {acts.shape} {acts.dtype} + loss; {summary['tokens_per_s']} tokens/s; "
+        f"mean next-token loss {np.nanmean(losses):.3f} nats"
+    )
     print(f"  sae      {sid}")
     print(f"  features {summary['nnz']:,} non-zeros, {summary['alive']:,} features alive")
     print_evaluations(ev, summary["control_eval"])
@@ -140,8 +182,13 @@ def run_demo(store_root: str, tokens: int, layer: int | None, device: str, train
     queries = store.features(sid, hid, decode=lambda ids: tokenizer.decode(list(ids)))
     # Features of middling density whose strongest example sits past the first token (position 1 right after
     # BOS carries outlier norms that top the ranking of many features), in order of density.
-    candidates = (queries.density().filter(pl.col("density").is_between(0.002, 0.02))
-                  .sort("density", descending=True).collect()["feature"].to_list())
+    candidates = (
+        queries.density()
+        .filter(pl.col("density").is_between(0.002, 0.02))
+        .sort("density", descending=True)
+        .collect()["feature"]
+        .to_list()
+    )
     shown = 0
     for feature in candidates:
         top = queries.top_examples(feature, k=4, context=6).collect()
@@ -154,13 +201,15 @@ def run_demo(store_root: str, tokens: int, layer: int | None, device: str, train
         shown += 1
         if shown == 3:
             break
-    print("\nread it back:\n"
-          "  import store\n"
-          f"  s = store.open({str(store.root)!r})\n"
-          f"  s.tokens({summary['corpus_id']!r})                      # polars LazyFrame\n"
-          f"  s.activations({hid!r}, {site!r})[0:4096]\n"
-          f"  s.features({sid!r}, {hid!r}).top_examples(FEATURE).collect()\n"
-          f"  actstore query --store {store_root} --sae {sid} --harvest {hid} top FEATURE\n"
-          f"  actstore eval --store {store_root} --sae {sid} --harvest {hid}")
+    print(
+        "\nread it back:\n"
+        "  import store\n"
+        f"  s = store.open({str(store.root)!r})\n"
+        f"  s.tokens({summary['corpus_id']!r})                      # polars LazyFrame\n"
+        f"  s.activations({hid!r}, {site!r})[0:4096]\n"
+        f"  s.features({sid!r}, {hid!r}).top_examples(FEATURE).collect()\n"
+        f"  actstore query --store {store_root} --sae {sid} --harvest {hid} top FEATURE\n"
+        f"  actstore eval --store {store_root} --sae {sid} --harvest {hid}"
+    )
     print(f"\ndashboard: {summary['dashboard']}")
     return summary

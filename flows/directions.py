@@ -39,11 +39,15 @@ def _labels(store: Store, config: DirectionConfig, n_tokens: int, corpus_id: str
         predicate = token_predicate(split, where)
         toks = tokens.filter(predicate).select("tok").collect()["tok"].to_numpy()
         if len(toks) == 0:
-            raise UserError(f"the {'positive' if value else 'negative'} set {where!r} selects no {config.split} "
-                            f"token of {config.harvest_id}: loosen the filter")
+            raise UserError(
+                f"the {'positive' if value else 'negative'} set {where!r} selects no {config.split} "
+                f"token of {config.harvest_id}: loosen the filter"
+            )
         if value == 0 and (labels[toks] == 1).any():
-            raise UserError(f"filters {config.positive!r} and {config.negative!r} both select tok "
-                            f"{int(toks[labels[toks] == 1][0])}: make the two sets disjoint")
+            raise UserError(
+                f"filters {config.positive!r} and {config.negative!r} both select tok "
+                f"{int(toks[labels[toks] == 1][0])}: make the two sets disjoint"
+            )
         labels[toks] = value
     return labels
 
@@ -62,9 +66,14 @@ def average(store_root: str, config: DirectionConfig) -> dict[str, Any]:
         if len(chosen):
             x = torch.as_tensor(acts[rows])[chosen].to(torch.float64)
             means.update(x, torch.from_numpy(labels[rows][chosen].astype(np.int64)))
-    return {"direction": means.direction, "unit": means.unit, "mean_positive": means.mean_positive,
-            "mean_negative": means.mean_negative, "mean": means.mean,
-            "counts": {"positive": int(means.counts[1]), "negative": int(means.counts[0])}}
+    return {
+        "direction": means.direction,
+        "unit": means.unit,
+        "mean_positive": means.mean_positive,
+        "mean_negative": means.mean_negative,
+        "mean": means.mean,
+        "counts": {"positive": int(means.counts[1]), "negative": int(means.counts[0])},
+    }
 
 
 @flow(name="direction")
@@ -77,12 +86,21 @@ def direction(store_root: str, config: DirectionConfig) -> Manifest:
         return existing
     found = average(store_root, config)
     with staged_object(directory) as tmp:
-        save_file({k: v.to(torch.float32).contiguous() for k, v in found.items() if k != "counts"},
-                  str(tmp / DIRECTION_FILE))
-        write_manifest(tmp, Manifest(
-            kind="direction", id=config.direction_id(), config=config.model_dump(mode="json"),
-            code_version=code_version(), created=utc_now(), counts=found["counts"],
-            extra={"norm": float(found["direction"].norm()), "d": int(found["direction"].numel())}))
+        save_file(
+            {k: v.to(torch.float32).contiguous() for k, v in found.items() if k != "counts"}, str(tmp / DIRECTION_FILE)
+        )
+        write_manifest(
+            tmp,
+            Manifest(
+                kind="direction",
+                id=config.direction_id(),
+                config=config.model_dump(mode="json"),
+                code_version=code_version(),
+                created=utc_now(),
+                counts=found["counts"],
+                extra={"norm": float(found["direction"].norm()), "d": int(found["direction"].numel())},
+            ),
+        )
     return store.manifest("direction", config.direction_id())
 
 
@@ -92,8 +110,9 @@ def load_direction(store: Store, direction_id: str) -> dict[str, torch.Tensor]:
     return load_file(str(store.direction_dir(direction_id) / DIRECTION_FILE))
 
 
-def intervention_replacements(store: Store, interventions: tuple[Intervention, ...],
-                              widths: dict[str, int]) -> dict[str, Replacement]:
+def intervention_replacements(
+    store: Store, interventions: tuple[Intervention, ...], widths: dict[str, int]
+) -> dict[str, Replacement]:
     """Site -> replacement for a splice; several interventions at one site apply in the order given."""
     chains: dict[str, list[Replacement]] = {}
     for item in interventions:
@@ -102,8 +121,10 @@ def intervention_replacements(store: Store, interventions: tuple[Intervention, .
         fn = directional_ablation(r) if item.kind == "ablate" else activation_addition(r, item.alpha)
         for site in item.sites:
             if widths.get(site, r.numel()) != r.numel():
-                raise UserError(f"direction {item.direction_id} has width {r.numel()} but site {site} has "
-                                f"{widths[site]}: use a direction of that site's width")
+                raise UserError(
+                    f"direction {item.direction_id} has width {r.numel()} but site {site} has "
+                    f"{widths[site]}: use a direction of that site's width"
+                )
             chains.setdefault(site, []).append(fn)
 
     def compose(fns: list[Replacement]) -> Replacement:
@@ -111,6 +132,7 @@ def intervention_replacements(store: Store, interventions: tuple[Intervention, .
             for fn in fns:
                 x = fn(x)
             return x
+
         return apply
 
     return {site: compose(fns) for site, fns in chains.items()}

@@ -35,7 +35,7 @@ def sparse_chunk(sae: SAE, x: torch.Tensor, first_tok: int, batch_tokens: int) -
     features, toks, values = [], [], []
     with torch.inference_mode():
         for start in range(0, len(x), batch_tokens):
-            latents = sae.encode(x[start:start + batch_tokens])
+            latents = sae.encode(x[start : start + batch_tokens])
             rows, cols = torch.nonzero(latents, as_tuple=True)
             features.append(cols.to(torch.int32).cpu().numpy())
             toks.append((rows + (first_tok + start)).cpu().numpy())
@@ -51,8 +51,9 @@ def resolve_site(store: Store, harvest_id: str, site: str | None, sae: SAE) -> s
             return str(sae.hook_name)
         if len(sites) == 1:
             return sites[0]
-        raise UserError(f"harvest {harvest_id} has sites {', '.join(sites)} and the SAE records none of them: "
-                        "pass --site")
+        raise UserError(
+            f"harvest {harvest_id} has sites {', '.join(sites)} and the SAE records none of them: pass --site"
+        )
     return site
 
 
@@ -62,15 +63,17 @@ def encode_chunks(store_root: str, config: EncodeConfig, runtime: EncodeRuntime)
     return _encode(store_root, config, runtime, None)
 
 
-def encode_shard(store_root: str, config: EncodeConfig, runtime: EncodeRuntime,
-                 chunks: tuple[int, ...]) -> dict[str, Any]:
+def encode_shard(
+    store_root: str, config: EncodeConfig, runtime: EncodeRuntime, chunks: tuple[int, ...]
+) -> dict[str, Any]:
     """Encode the chunks of one shard not yet stored (one task of a scaled-out encode; chunk files are
     written atomically, so disjoint shards run at once and a killed shard is simply re-run)."""
     return _encode(store_root, config, runtime, chunks)
 
 
-def _encode(store_root: str, config: EncodeConfig, runtime: EncodeRuntime,
-            chunks: tuple[int, ...] | None) -> dict[str, Any]:
+def _encode(
+    store_root: str, config: EncodeConfig, runtime: EncodeRuntime, chunks: tuple[int, ...] | None
+) -> dict[str, Any]:
     store = Store(store_root)
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
@@ -88,10 +91,19 @@ def _encode(store_root: str, config: EncodeConfig, runtime: EncodeRuntime,
             todo = [c for c in (range(n_chunks) if chunks is None else chunks) if not features.has_chunk(c)]
             spans = [chunk_rows(c, acts.chunk_tokens, len(acts)) for c in todo]
             tokens = sum(r.stop - r.start for r in spans)
-            total = len(acts) if chunks is None else sum(
-                r.stop - r.start for r in (chunk_rows(c, acts.chunk_tokens, len(acts)) for c in chunks))
-            bar = tqdm(total=total, initial=total - tokens, unit="tok",
-                       unit_scale=True, desc=f"encode {config.sae_id}", disable=not runtime.progress)
+            total = (
+                len(acts)
+                if chunks is None
+                else sum(r.stop - r.start for r in (chunk_rows(c, acts.chunk_tokens, len(acts)) for c in chunks))
+            )
+            bar = tqdm(
+                total=total,
+                initial=total - tokens,
+                unit="tok",
+                unit_scale=True,
+                desc=f"encode {config.sae_id}",
+                disable=not runtime.progress,
+            )
 
             def write(item: tuple[int, tuple[np.ndarray, ...]]) -> None:
                 features.add_chunk(item[0], *item[1])
@@ -101,8 +113,10 @@ def _encode(store_root: str, config: EncodeConfig, runtime: EncodeRuntime,
                     x = torch.as_tensor(acts[rows]).to(device)
                     if not torch.isfinite(x).all():
                         bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0]) + rows.start
-                        raise UserError(f"non-finite activation at tok {bad} of {config.harvest_id}/{config.site}: "
-                                        "re-harvest in float32 or bfloat16; chunks already encoded are kept")
+                        raise UserError(
+                            f"non-finite activation at tok {bad} of {config.harvest_id}/{config.site}: "
+                            "re-harvest in float32 or bfloat16; chunks already encoded are kept"
+                        )
                     tick = time.perf_counter()
                     triples = sparse_chunk(sae, x, rows.start, runtime.batch_tokens)
                     encode_seconds += time.perf_counter() - tick
@@ -112,13 +126,19 @@ def _encode(store_root: str, config: EncodeConfig, runtime: EncodeRuntime,
     except OSError as exc:
         raise explain_os_error(exc, directory) from exc
     seconds = time.perf_counter() - start
-    return {"encode_seconds": round(encode_seconds, 3), "run_seconds": round(seconds, 3), "tokens_this_run": tokens,
-            "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "device": str(device),
-            "pid": os.getpid()}
+    return {
+        "encode_seconds": round(encode_seconds, 3),
+        "run_seconds": round(seconds, 3),
+        "tokens_this_run": tokens,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "device": str(device),
+        "pid": os.getpid(),
+    }
 
 
-def feature_writer(directory: Path, d_sae: int, n_tokens: int, config: EncodeConfig,
-                   shard: str | None = None) -> FeatureWriter:
+def feature_writer(
+    directory: Path, d_sae: int, n_tokens: int, config: EncodeConfig, shard: str | None = None
+) -> FeatureWriter:
     """The writer of one feature store; the chunk loop and the final sort must open it with the same settings."""
     return FeatureWriter(directory, d_sae, n_tokens, config.value_dtype, top_k=config.top_k, shard=shard)
 
@@ -141,10 +161,18 @@ def finish_features(store_root: str, config: EncodeConfig, stats: dict[str, Any]
     assert index is not None
     timings = {k: v for k, v in stats.items() if isinstance(v, int | float)}
     manifest = Manifest(
-        kind="features", id=f"{config.sae_id}/{config.harvest_id}", config=config.model_dump(mode="json"),
-        code_version=code_version(), created=utc_now(),
-        counts={"n_tokens": index.config.n_tokens, "nnz": index.nnz, "alive": index.alive,
-                "d_sae": index.config.d_sae, "n_chunks": index.n_chunks},
+        kind="features",
+        id=f"{config.sae_id}/{config.harvest_id}",
+        config=config.model_dump(mode="json"),
+        code_version=code_version(),
+        created=utc_now(),
+        counts={
+            "n_tokens": index.config.n_tokens,
+            "nnz": index.nnz,
+            "alive": index.alive,
+            "d_sae": index.config.d_sae,
+            "n_chunks": index.n_chunks,
+        },
         timings=timings | {"finish_seconds": round(time.perf_counter() - start, 3)},
         extra={"site": config.site, "value_dtype": config.value_dtype},
     )
@@ -153,8 +181,9 @@ def finish_features(store_root: str, config: EncodeConfig, stats: dict[str, Any]
 
 
 @task(name="prepare-encode")
-def prepare_encode(store_root: str, sae: str, harvest_id: str, site: str | None, value_dtype: str,
-                   allow_mismatch: bool) -> EncodeConfig:
+def prepare_encode(
+    store_root: str, sae: str, harvest_id: str, site: str | None, value_dtype: str, allow_mismatch: bool
+) -> EncodeConfig:
     """Check the SAE against the harvest before anything is written, then import it into the store."""
     store = Store(store_root)
     harvest = store.manifest("harvest", harvest_id)
@@ -167,16 +196,24 @@ def prepare_encode(store_root: str, sae: str, harvest_id: str, site: str | None,
 
 
 @flow(name="encode")
-def encode(store_root: str, sae: str, harvest_id: str, site: str | None = None, value_dtype: str = "float16",
-           runtime: EncodeRuntime | None = None) -> Manifest:
+def encode(
+    store_root: str,
+    sae: str,
+    harvest_id: str,
+    site: str | None = None,
+    value_dtype: str = "float16",
+    runtime: EncodeRuntime | None = None,
+) -> Manifest:
     """SAE (id or checkpoint path) x harvest -> sparse feature tables; re-running resumes, never duplicates."""
     runtime = runtime or EncodeRuntime()
     config = prepare_encode(store_root, sae, harvest_id, site, value_dtype, runtime.allow_mismatch)
     existing = read_manifest(Store(store_root).features_dir(config.sae_id, harvest_id))
     if existing is not None:
         if existing.config != config.model_dump(mode="json"):
-            raise UserError(f"features of {config.sae_id} on {harvest_id} exist for site {existing.extra['site']}: "
-                            "delete that directory to encode another site")
+            raise UserError(
+                f"features of {config.sae_id} on {harvest_id} exist for site {existing.extra['site']}: "
+                "delete that directory to encode another site"
+            )
         return existing
     stats = encode_chunks(store_root, config, runtime)
     return finish_features(store_root, config, stats)

@@ -123,12 +123,15 @@ def _outlier_threshold(acts: ActivationArray, picker: TokenPicker, factor: float
 
 
 def _empty_message(config: EvalConfig) -> str:
-    return (f"harvest {config.harvest_id} has no {config.split} tokens to evaluate on: evaluate --split all "
-            "or harvest more documents")
+    return (
+        f"harvest {config.harvest_id} has no {config.split} tokens to evaluate on: evaluate --split all "
+        "or harvest more documents"
+    )
 
 
-def reconstruction_pass(acts: ActivationArray, sae: SAE, picker: TokenPicker, runtime: EvalRuntime,
-                        out: Path) -> tuple[ReconstructionStats, torch.Tensor, int]:
+def reconstruction_pass(
+    acts: ActivationArray, sae: SAE, picker: TokenPicker, runtime: EvalRuntime, out: Path
+) -> tuple[ReconstructionStats, torch.Tensor, int]:
     """Every chosen token through the SAE; returns the sums, the mean activation of the counted tokens (the
     mean-ablation value) and how many chosen tokens were excluded."""
     stats = ReconstructionStats(sae.d_in, sae.d_sae)
@@ -145,8 +148,10 @@ def reconstruction_pass(acts: ActivationArray, sae: SAE, picker: TokenPicker, ru
                 x = x_all[offsets].to(sae.device, sae.dtype)
                 if not torch.isfinite(x).all():
                     bad = int(offsets[int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0])]) + rows.start
-                    raise UserError(f"non-finite activation at tok {bad} of {picker.config.harvest_id}/"
-                                    f"{picker.config.site}: re-harvest in float32 or bfloat16")
+                    raise UserError(
+                        f"non-finite activation at tok {bad} of {picker.config.harvest_id}/"
+                        f"{picker.config.site}: re-harvest in float32 or bfloat16"
+                    )
                 latents = sae.encode(x)
                 x_hat = sae.decode(latents, x.norm(dim=-1))
                 counted = torch.from_numpy(~excluded).to(x.device)
@@ -164,8 +169,14 @@ def reconstruction_pass(acts: ActivationArray, sae: SAE, picker: TokenPicker, ru
     return stats, (total / counted_tokens).to(torch.float32), excluded_count
 
 
-def _token_metrics(stats: ReconstructionStats, x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor,
-                   counted: torch.Tensor, sae: SAE) -> dict[str, np.ndarray]:
+def _token_metrics(
+    stats: ReconstructionStats,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    latents: torch.Tensor,
+    counted: torch.Tensor,
+    sae: SAE,
+) -> dict[str, np.ndarray]:
     """Per-token metrics of every token; only counted ones enter `stats` (excluded ones go to a scratch copy)."""
     columns: dict[str, np.ndarray] = {}
     groups = [(counted, stats), (~counted, ReconstructionStats(sae.d_in, sae.d_sae))]
@@ -179,8 +190,17 @@ def _token_metrics(stats: ReconstructionStats, x: torch.Tensor, x_hat: torch.Ten
     return columns
 
 
-def downstream_pass(store: Store, harvest: Manifest, acts: ActivationArray, sae: SAE, config: EvalConfig,
-                    runtime: EvalRuntime, picker: TokenPicker, mean: torch.Tensor, out: Path) -> int:
+def downstream_pass(
+    store: Store,
+    harvest: Manifest,
+    acts: ActivationArray,
+    sae: SAE,
+    config: EvalConfig,
+    runtime: EvalRuntime,
+    picker: TokenPicker,
+    mean: torch.Tensor,
+    out: Path,
+) -> int:
     """CE and KL per token with the SAE spliced in (and zero / mean ablation) on the first windows of the split.
 
     Positions excluded from the metrics keep their clean activation in every variant and are left out of the
@@ -195,21 +215,26 @@ def downstream_pass(store: Store, harvest: Manifest, acts: ActivationArray, sae:
     fixed = Splice(model, targets)
     fixed.set(intervention_replacements(store, interventions, {t.name: t.d for t in targets}))
     corpus_dir = store.corpus_dir(harvest.extra["corpus_id"])
-    variants = {"spliced": {config.site: sae_replacement(sae)}, "zero": {config.site: zero_replacement()},
-                "mean": {config.site: mean_replacement(mean)}}
+    variants = {
+        "spliced": {config.site: sae_replacement(sae)},
+        "zero": {config.site: zero_replacement()},
+        "mean": {config.site: mean_replacement(mean)},
+    }
     picker.taken = 0
     written = 0
-    bar = tqdm(total=config.ce_tokens, unit="tok", unit_scale=True, desc="eval downstream",
-               disable=not runtime.progress)
+    bar = tqdm(
+        total=config.ce_tokens, unit="tok", unit_scale=True, desc="eval downstream", disable=not runtime.progress
+    )
     with fixed, TableAppender(out, DOWNSTREAM_PART_SCHEMA) as table:
         seqs = _windows_of_split(acts, picker, ctx_len, config.ce_tokens)
         for start in range(0, len(seqs), runtime.ce_batch_windows):
-            batch = seqs[start:start + runtime.ce_batch_windows]
+            batch = seqs[start : start + runtime.ce_batch_windows]
             ids = np.concatenate([read_windows(corpus_dir, s, s + 1, ctx_len) for s in batch]).astype(np.int64)
             chosen, keep = _window_selection(acts, picker, batch, ctx_len)
             with torch.inference_mode():
-                result = downstream(model, specs, torch.from_numpy(ids).to(device), variants,
-                                    keep=torch.from_numpy(keep).to(device))
+                result = downstream(
+                    model, specs, torch.from_numpy(ids).to(device), variants, keep=torch.from_numpy(keep).to(device)
+                )
             flat_tok = (np.asarray(batch)[:, None] * ctx_len + np.arange(ctx_len)[None, :]).reshape(-1)
             counted = chosen & ~keep.reshape(-1)
             counted &= np.isfinite(result["clean"].ce.numpy())
@@ -244,8 +269,9 @@ def _windows_of_split(acts: ActivationArray, picker: TokenPicker, ctx_len: int, 
     return seqs
 
 
-def _window_selection(acts: ActivationArray, picker: TokenPicker, seqs: list[int],
-                      ctx_len: int) -> tuple[np.ndarray, np.ndarray]:
+def _window_selection(
+    acts: ActivationArray, picker: TokenPicker, seqs: list[int], ctx_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """For whole windows: which tokens are chosen ([W*T] bool) and which keep their clean activation ([W, T])."""
     chosen = np.zeros((len(seqs), ctx_len), dtype=bool)
     keep = np.zeros((len(seqs), ctx_len), dtype=bool)
@@ -264,12 +290,20 @@ def _window_selection(acts: ActivationArray, picker: TokenPicker, seqs: list[int
     return chosen.reshape(-1), keep
 
 
-def summarize(config: EvalConfig, stats: ReconstructionStats, d_sae: int, excluded: int,
-              ce: pl.DataFrame | None) -> dict[str, Any]:
+def summarize(
+    config: EvalConfig, stats: ReconstructionStats, d_sae: int, excluded: int, ce: pl.DataFrame | None
+) -> dict[str, Any]:
     """The one summary row: reconstruction, latents and (when measured) downstream means."""
-    row: dict[str, Any] = {"eval_id": config.eval_id(), "sae_id": config.sae_id, "harvest_id": config.harvest_id,
-                           "site": config.site, "split": config.split, "d_sae": d_sae, "excluded_tokens": excluded,
-                           **stats.result()}
+    row: dict[str, Any] = {
+        "eval_id": config.eval_id(),
+        "sae_id": config.sae_id,
+        "harvest_id": config.harvest_id,
+        "site": config.site,
+        "split": config.split,
+        "d_sae": d_sae,
+        "excluded_tokens": excluded,
+        **stats.result(),
+    }
     if ce is not None and len(ce):
         means = {name: float(ce[name].mean()) for name in CE_COLUMNS}
         row.update(means, ce_tokens=len(ce))
@@ -284,8 +318,9 @@ def evaluate_sae(store_root: str, config: EvalConfig, runtime: EvalRuntime) -> M
     store = Store(store_root)
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
-    harvest, acts, sae = sae_on_site(store, config.sae_id, config.harvest_id, config.site,
-                                     pick_device(runtime.device), runtime.allow_mismatch)
+    harvest, acts, sae = sae_on_site(
+        store, config.sae_id, config.harvest_id, config.site, pick_device(runtime.device), runtime.allow_mismatch
+    )
     downstream_possible = config.ce_tokens > 0 and not harvest.extra.get("synthetic", False)
     picker = TokenPicker(store, harvest.extra["corpus_id"], config, len(acts))
     if config.outlier_factor is not None:
@@ -299,14 +334,29 @@ def evaluate_sae(store_root: str, config: EvalConfig, runtime: EvalRuntime) -> M
         if downstream_possible:
             downstream_pass(store, harvest, acts, sae, config, runtime, picker, mean, tmp / CE_PART)
             ce = pl.read_parquet(tmp / CE_PART)
-        _publish(tmp, config, stats, sae.d_sae, excluded, ce, picker.norm_threshold,
-                 {"reconstruction_seconds": round(recon_seconds, 3),
-                  "total_seconds": round(time.perf_counter() - start, 3)})
+        _publish(
+            tmp,
+            config,
+            stats,
+            sae.d_sae,
+            excluded,
+            ce,
+            picker.norm_threshold,
+            {"reconstruction_seconds": round(recon_seconds, 3), "total_seconds": round(time.perf_counter() - start, 3)},
+        )
     return published_manifest(directory, f"evaluation {config.eval_id()}")
 
 
-def _publish(tmp: Path, config: EvalConfig, stats: ReconstructionStats, d_sae: int, excluded: int,
-             ce: pl.DataFrame | None, threshold: float | None, timings: dict[str, float]) -> None:
+def _publish(
+    tmp: Path,
+    config: EvalConfig,
+    stats: ReconstructionStats,
+    d_sae: int,
+    excluded: int,
+    ce: pl.DataFrame | None,
+    threshold: float | None,
+    timings: dict[str, float],
+) -> None:
     """Per-token table (reconstruction joined to downstream), per-feature, histogram, summary, then manifest."""
     per_token = pl.scan_parquet(tmp / RECON_PART)
     if ce is not None:
@@ -318,22 +368,35 @@ def _publish(tmp: Path, config: EvalConfig, stats: ReconstructionStats, d_sae: i
     counts = np.asarray(stats.feature_counts, dtype=np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_value = np.where(counts > 0, stats.feature_value_sums / np.maximum(counts, 1), np.nan)
-    write_table(tmp / "per_feature.parquet", {
-        "feature": np.arange(len(counts), dtype=np.int32), "count": counts, "density": counts / tokens,
-        "mean_value": pl.Series(mean_value.astype(np.float32)).fill_nan(None).to_numpy(),
-        "max_value": np.asarray(stats.feature_max, dtype=np.float32)}, PER_FEATURE_SCHEMA)
+    write_table(
+        tmp / "per_feature.parquet",
+        {
+            "feature": np.arange(len(counts), dtype=np.int32),
+            "count": counts,
+            "density": counts / tokens,
+            "mean_value": pl.Series(mean_value.astype(np.float32)).fill_nan(None).to_numpy(),
+            "max_value": np.asarray(stats.feature_max, dtype=np.float32),
+        },
+        PER_FEATURE_SCHEMA,
+    )
     edges, hist = density_histogram(counts, tokens, config.histogram_bins)
-    write_table(tmp / "density_histogram.parquet",
-                {"log10_lo": edges[:-1], "log10_hi": edges[1:], "n_features": hist.astype(np.int64)},
-                DENSITY_HISTOGRAM_SCHEMA)
+    write_table(
+        tmp / "density_histogram.parquet",
+        {"log10_lo": edges[:-1], "log10_hi": edges[1:], "n_features": hist.astype(np.int64)},
+        DENSITY_HISTOGRAM_SCHEMA,
+    )
     row = summarize(config, stats, d_sae, excluded, ce)
     write_table(tmp / "summary.parquet", [row], EVAL_SUMMARY_SCHEMA)
     manifest = Manifest(
-        kind="eval", id=config.eval_id(), config=config.model_dump(mode="json"), code_version=code_version(),
-        created=utc_now(), counts={"tokens": tokens, "excluded_tokens": excluded,
-                                   "ce_tokens": 0 if ce is None else len(ce)},
-        timings=timings, extra={"summary": {k: v for k, v in row.items() if v is not None},
-                                "outlier_norm_threshold": threshold})
+        kind="eval",
+        id=config.eval_id(),
+        config=config.model_dump(mode="json"),
+        code_version=code_version(),
+        created=utc_now(),
+        counts={"tokens": tokens, "excluded_tokens": excluded, "ce_tokens": 0 if ce is None else len(ce)},
+        timings=timings,
+        extra={"summary": {k: v for k, v in row.items() if v is not None}, "outlier_norm_threshold": threshold},
+    )
     write_manifest(tmp, manifest)
 
 

@@ -43,13 +43,19 @@ NO_FLOOR = 1e-6
 
 POINTS = {
     "loss_vs_params": ("runs of distinct N on one corpus", "harvest more model sizes on that corpus with --loss"),
-    "loss_vs_params_tokens": ("runs of distinct (N, D) on one corpus with D known",
-                              "harvest more checkpoints and give --tokens-trained MODEL=D for each"),
+    "loss_vs_params_tokens": (
+        "runs of distinct (N, D) on one corpus with D known",
+        "harvest more checkpoints and give --tokens-trained MODEL=D for each",
+    ),
     "loss_vs_position": ("positions of one harvest", "harvest a corpus with a longer --ctx-len"),
-    "sae_nmse": ("evaluations of SAEs of distinct width and sparsity on one harvest site",
-                 "evaluate more SAE widths and k on that site (actstore eval)"),
-    "sae_ce_delta": ("evaluations with a downstream loss of SAEs of distinct width and sparsity on one harvest "
-                     "site", "evaluate more SAEs with --ce-tokens > 0"),
+    "sae_nmse": (
+        "evaluations of SAEs of distinct width and sparsity on one harvest site",
+        "evaluate more SAE widths and k on that site (actstore eval)",
+    ),
+    "sae_ce_delta": (
+        "evaluations with a downstream loss of SAEs of distinct width and sparsity on one harvest site",
+        "evaluate more SAEs with --ce-tokens > 0",
+    ),
 }
 """Per law: what its points are, and how a user gets more of them."""
 
@@ -90,8 +96,13 @@ def resolve_inputs(store_root: str, config: ForecastConfig) -> ForecastConfig:
     laws = wanted(config)
     harvest_ids = config.harvest_ids
     if not harvest_ids and any(law in LM_LAWS for law in laws):
-        harvest_ids = tuple(e.id for e in store.ls() if e.kind == "harvest" and e.complete
-                            and LOSS_SITE in store.manifest("harvest", e.id).extra.get("arrays", {}))
+        harvest_ids = tuple(
+            e.id
+            for e in store.ls()
+            if e.kind == "harvest"
+            and e.complete
+            and LOSS_SITE in store.manifest("harvest", e.id).extra.get("arrays", {})
+        )
     for harvest_id in harvest_ids:
         if LOSS_SITE not in store.manifest("harvest", harvest_id).extra.get("arrays", {}):
             raise UserError(f"harvest {harvest_id} has no per-token loss: harvest it again with --loss")
@@ -101,16 +112,20 @@ def resolve_inputs(store_root: str, config: ForecastConfig) -> ForecastConfig:
         eval_ids = tuple(sorted(known_evals))
     for eval_id in eval_ids:
         if eval_id not in known_evals:
-            raise UserError(f"no evaluation {eval_id!r} in store {store.root}: "
-                            + (f"known: {', '.join(known_evals[:8])}" if known_evals else "run `actstore eval` first"))
+            raise UserError(
+                f"no evaluation {eval_id!r} in store {store.root}: "
+                + (f"known: {', '.join(known_evals[:8])}" if known_evals else "run `actstore eval` first")
+            )
     if not harvest_ids and not eval_ids:
         raise UserError(f"nothing to forecast in store {store.root}: harvest with --loss or run `actstore eval` first")
     keys = {key for h in harvest_ids for key in model_keys(harvest_model(store.manifest("harvest", h)))}
     for field in ("params", "tokens_trained"):
         unknown = sorted(set(getattr(config, field)) - keys)
         if unknown:
-            raise UserError(f"{field} names model {unknown[0]!r}, which no selected harvest ran: use one of "
-                            f"{', '.join(sorted(keys))}")
+            raise UserError(
+                f"{field} names model {unknown[0]!r}, which no selected harvest ran: use one of "
+                f"{', '.join(sorted(keys))}"
+            )
     return config.model_copy(update={"harvest_ids": tuple(harvest_ids), "eval_ids": tuple(eval_ids)})
 
 
@@ -138,26 +153,43 @@ def frame(rows: Rows, schema: Any) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=pl.from_arrow(schema.empty_table()).schema)
 
 
-def law_points(law: str, config: ForecastConfig, runs: pl.DataFrame, positions: pl.DataFrame,
-               saes: pl.DataFrame) -> list[LawPoints]:
+def law_points(
+    law: str, config: ForecastConfig, runs: pl.DataFrame, positions: pl.DataFrame, saes: pl.DataFrame
+) -> list[LawPoints]:
     """The groups of points `law` can be fitted to, one per subject."""
     if law in ("loss_vs_params", "loss_vs_params_tokens"):
         # A control's weights were destroyed on purpose: its loss says nothing about what size buys.
         chosen = runs.filter(pl.col("control").is_null() & pl.col("n_params").is_not_null())
         if law == "loss_vs_params_tokens":
             chosen = chosen.filter(pl.col("tokens_trained").is_not_null())
-        return [_points(law, corpus, {"N": group["n_params"], "D": group["tokens_trained"]}, group["mean_loss"],
-                        config) for (corpus,), group in chosen.group_by("corpus_id", maintain_order=True)]
+        return [
+            _points(law, corpus, {"N": group["n_params"], "D": group["tokens_trained"]}, group["mean_loss"], config)
+            for (corpus,), group in chosen.group_by("corpus_id", maintain_order=True)
+        ]
     if law == "loss_vs_position":
         ctx = dict(runs.select("harvest_id", "ctx_len").iter_rows())
-        return [_points(law, harvest_id, {"context": group["context"]}, group["mean_loss"], config,
-                        {"context": float(ctx[harvest_id])})
-                for (harvest_id,), group in positions.filter(pl.col("context") >= 1).group_by(
-                    "harvest_id", maintain_order=True)]
+        return [
+            _points(
+                law,
+                harvest_id,
+                {"context": group["context"]},
+                group["mean_loss"],
+                config,
+                {"context": float(ctx[harvest_id])},
+            )
+            for (harvest_id,), group in positions.filter(pl.col("context") >= 1).group_by(
+                "harvest_id", maintain_order=True
+            )
+        ]
     metric = "nmse" if law == "sae_nmse" else "ce_delta"
     sparsity = config.sae_sparsity
-    chosen = saes.filter(pl.col(metric).is_not_null() & (pl.col(metric) > 0) & pl.col("d_sae").is_not_null()
-                         & pl.col(sparsity).is_not_null() & (pl.col(sparsity) > 0))
+    chosen = saes.filter(
+        pl.col(metric).is_not_null()
+        & (pl.col(metric) > 0)
+        & pl.col("d_sae").is_not_null()
+        & pl.col(sparsity).is_not_null()
+        & (pl.col(sparsity) > 0)
+    )
     groups = []
     for (harvest_id, site), group in chosen.group_by("harvest_id", "site", maintain_order=True):
         # A sweep often fixes k or the width: a variable with one value cannot be told apart from E, so the
@@ -168,8 +200,14 @@ def law_points(law: str, config: ForecastConfig, runs: pl.DataFrame, positions: 
     return groups
 
 
-def _points(law: str, subject: str, columns: dict[str, pl.Series], y: pl.Series, config: ForecastConfig,
-            base: dict[str, float] | None = None) -> LawPoints:
+def _points(
+    law: str,
+    subject: str,
+    columns: dict[str, pl.Series],
+    y: pl.Series,
+    config: ForecastConfig,
+    base: dict[str, float] | None = None,
+) -> LawPoints:
     names = [n for n in law_variables(law, config.sae_sparsity) if n in columns]
     x = {name: columns[name].cast(pl.Float64).to_numpy() for name in names}
     return LawPoints(law, subject, x, y.cast(pl.Float64).to_numpy(), base or {n: float(x[n].max()) for n in names})
@@ -192,19 +230,20 @@ def fit_laws(config: ForecastConfig, runs: Rows, positions: Rows, saes: Rows) ->
             n = distinct_points(points)
             status = {"law": law, "subject": points.subject, "n_points": len(points.y)}
             if n < 1 + 2 * len(points.x):
-                result.laws.append(status | {"status": "skipped", "note": f"{n} distinct points, needs "
-                                             f"{1 + 2 * len(points.x)}"})
+                result.laws.append(
+                    status | {"status": "skipped", "note": f"{n} distinct points, needs {1 + 2 * len(points.x)}"}
+                )
                 continue
             floor = _fit_one(points, config, result)
             result.laws.append(status | {"status": "fitted", "note": floor})
             fitted += 1
         if not groups:
-            result.laws.append({"law": law, "subject": "", "status": "skipped", "n_points": 0,
-                                "note": f"no {POINTS[law][0]}"})
+            result.laws.append(
+                {"law": law, "subject": "", "status": "skipped", "n_points": 0, "note": f"no {POINTS[law][0]}"}
+            )
         if config.laws and not fitted:
             best = max((distinct_points(p) for p in groups), default=0)
-            raise UserError(f"law {law} needs at least {needed} {POINTS[law][0]}; found {best}: "
-                            f"{POINTS[law][1]}")
+            raise UserError(f"law {law} needs at least {needed} {POINTS[law][0]}; found {best}: {POINTS[law][1]}")
     return result
 
 
@@ -215,28 +254,53 @@ def _fit_one(points: LawPoints, config: ForecastConfig, result: Fitted) -> str |
     common = {"law": points.law, "subject": points.subject}
     intervals = boot.intervals
     for name, value in fit.params.items():
-        result.fits.append(common | {"variables": ",".join(fit.names), "param": name, "estimate": value,
-                                     "low": intervals[name][0], "high": intervals[name][1],
-                                     "n_points": fit.n_points, "objective": fit.objective})
+        result.fits.append(
+            common
+            | {
+                "variables": ",".join(fit.names),
+                "param": name,
+                "estimate": value,
+                "low": intervals[name][0],
+                "high": intervals[name][1],
+                "n_points": fit.n_points,
+                "objective": fit.objective,
+            }
+        )
     targets = _targets(points, config)
     if targets:
         _forecast_rows(boot, targets, common, result)
     if fit.E / float(points.y.min()) < NO_FLOOR:
-        return ("E fell to 0: the points show no floor, so the reducible part is all of the loss and E's interval "
-                "is degenerate (refits start at the optimum); more or longer-range points may find one")
+        return (
+            "E fell to 0: the points show no floor, so the reducible part is all of the loss and E's interval "
+            "is degenerate (refits start at the optimum); more or longer-range points may find one"
+        )
     return None
 
 
-def _forecast_rows(boot: FitBootstrap, targets: list[tuple[str, float | None, dict[str, float]]],
-                   common: dict[str, str], result: Fitted) -> None:
+def _forecast_rows(
+    boot: FitBootstrap,
+    targets: list[tuple[str, float | None, dict[str, float]]],
+    common: dict[str, str],
+    result: Fitted,
+) -> None:
     names = boot.fit.names
     at = {name: np.array([t[2][name] for t in targets]) for name in names}
     loss, reducible = predict(boot, at), reducible_loss(boot, at)
     for i, (label, multiple, values) in enumerate(targets):
-        result.forecasts.append(common | {"target": label, "multiple": multiple, **values,
-                                          "point": loss.point[i], "low": loss.low[i], "high": loss.high[i],
-                                          "reducible": reducible.point[i], "reducible_low": reducible.low[i],
-                                          "reducible_high": reducible.high[i]})
+        result.forecasts.append(
+            common
+            | {
+                "target": label,
+                "multiple": multiple,
+                **values,
+                "point": loss.point[i],
+                "low": loss.low[i],
+                "high": loss.high[i],
+                "reducible": reducible.point[i],
+                "reducible_low": reducible.low[i],
+                "reducible_high": reducible.high[i],
+            }
+        )
 
 
 def _targets(points: LawPoints, config: ForecastConfig) -> list[tuple[str, float | None, dict[str, float]]]:
@@ -248,17 +312,32 @@ def _targets(points: LawPoints, config: ForecastConfig) -> list[tuple[str, float
 
 
 @task(name="publish-forecast")
-def publish_forecast(store_root: str, config: ForecastConfig, tables: dict[str, Rows], laws: Rows,
-                     notes: list[str], timings: dict[str, float]) -> Manifest:
+def publish_forecast(
+    store_root: str,
+    config: ForecastConfig,
+    tables: dict[str, Rows],
+    laws: Rows,
+    notes: list[str],
+    timings: dict[str, float],
+) -> Manifest:
     """Write every table into a staged directory, the manifest last, and rename it into place."""
     forecast_id = config.forecast_id()
     directory = Store(store_root).forecast_dir(forecast_id)
     fitted = [law for law in laws if law["status"] == "fitted"]
     manifest = Manifest(
-        kind="forecast", id=forecast_id, config=config.model_dump(mode="json"), code_version=code_version(),
-        created=utc_now(), counts={**{name: len(rows) for name, rows in tables.items()},
-                                   "laws_fitted": len(fitted), "laws_skipped": len(laws) - len(fitted)},
-        timings=timings, extra={"laws": laws, "notes": notes})
+        kind="forecast",
+        id=forecast_id,
+        config=config.model_dump(mode="json"),
+        code_version=code_version(),
+        created=utc_now(),
+        counts={
+            **{name: len(rows) for name, rows in tables.items()},
+            "laws_fitted": len(fitted),
+            "laws_skipped": len(laws) - len(fitted),
+        },
+        timings=timings,
+        extra={"laws": laws, "notes": notes},
+    )
     with staged_object(directory) as tmp:
         for name, schema in TABLES.items():
             write_table(tmp / f"{name}.parquet", tables[name], schema)
@@ -278,8 +357,9 @@ def forecast(store_root: str, config: ForecastConfig) -> Manifest:
     saes = sae_table(store_root, resolved)
     tables_seconds = time.perf_counter() - start
     fitted = fit_laws(resolved, runs, positions, saes)
-    timings = {"tables_seconds": round(tables_seconds, 3),
-               "fit_seconds": round(time.perf_counter() - start - tables_seconds, 3)}
+    timings = {
+        "tables_seconds": round(tables_seconds, 3),
+        "fit_seconds": round(time.perf_counter() - start - tables_seconds, 3),
+    }
     tables = {"runs": runs, "positions": positions, "saes": saes, "fits": fitted.fits, "forecasts": fitted.forecasts}
     return publish_forecast(store_root, resolved, tables, fitted.laws, notes, timings)
-

@@ -31,8 +31,19 @@ from actstore.store.root import Store
 from actstore.transforms.bootstrap import mean_with_interval
 from actstore.transforms.models import load_model_config
 
-EVAL_COLUMNS = ("eval_id", "sae_id", "harvest_id", "site", "split", "d_sae", "l0", "nmse", "fvu", "ce_clean",
-                "ce_spliced")
+EVAL_COLUMNS = (
+    "eval_id",
+    "sae_id",
+    "harvest_id",
+    "site",
+    "split",
+    "d_sae",
+    "l0",
+    "nmse",
+    "fvu",
+    "ce_clean",
+    "ce_spliced",
+)
 """Columns of the store's evaluation summaries that the SAE table keeps."""
 
 
@@ -61,8 +72,9 @@ def count_parameters(name: str, revision: str | None = None, trust_remote_code: 
     if output is not None:
         embedding |= {id(p) for p in output.parameters()}
     params = list(net.parameters())
-    return ParamCount(total=sum(p.numel() for p in params),
-                      non_embedding=sum(p.numel() for p in params if id(p) not in embedding))
+    return ParamCount(
+        total=sum(p.numel() for p in params), non_embedding=sum(p.numel() for p in params if id(p) not in embedding)
+    )
 
 
 def model_keys(model: ModelConfig) -> list[str]:
@@ -88,8 +100,12 @@ def model_facts(model: ModelConfig, config: ForecastConfig, notes: list[str]) ->
     except UserError as err:
         notes.append(str(err))
         return facts
-    return facts | {"n_params": getattr(counted, config.param_count), "n_params_total": counted.total,
-                    "n_params_non_embedding": counted.non_embedding, "n_params_source": config.param_count}
+    return facts | {
+        "n_params": getattr(counted, config.param_count),
+        "n_params_total": counted.total,
+        "n_params_non_embedding": counted.non_embedding,
+        "n_params_source": config.param_count,
+    }
 
 
 def mean_loss(values: np.ndarray, docs: np.ndarray, config: ForecastConfig) -> dict[str, Any]:
@@ -98,12 +114,18 @@ def mean_loss(values: np.ndarray, docs: np.ndarray, config: ForecastConfig) -> d
     if n_docs < 2:
         return {"tokens": len(values), "docs": n_docs, "mean_loss": float(values.mean()), "low": None, "high": None}
     interval = mean_with_interval(values, docs, n_boot=config.n_boot, level=config.level, seed=config.seed)
-    return {"tokens": len(values), "docs": n_docs, "mean_loss": interval.estimate, "low": interval.low,
-            "high": interval.high}
+    return {
+        "tokens": len(values),
+        "docs": n_docs,
+        "mean_loss": interval.estimate,
+        "low": interval.low,
+        "high": interval.high,
+    }
 
 
-def harvest_tables(store: Store, harvest_id: str, config: ForecastConfig,
-                   notes: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def harvest_tables(
+    store: Store, harvest_id: str, config: ForecastConfig, notes: list[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One harvest's runs row and its positions rows."""
     harvest = store.manifest("harvest", harvest_id)
     corpus = store.manifest("corpus", harvest.extra["corpus_id"])
@@ -117,16 +139,30 @@ def harvest_tables(store: Store, harvest_id: str, config: ForecastConfig,
         raise UserError(f"harvest {harvest_id} has no {config.split} tokens with a loss: forecast with --split all")
     docs = tokens["doc"].to_numpy()
     model = harvest_model(harvest)
-    run = {"harvest_id": harvest_id, "corpus_id": corpus.id, "model": model.name, "revision": model.revision,
-           "control": model.control.tag() if model.control is not None else None, "ctx_len": ctx_len,
-           **model_facts(model, config, notes), **mean_loss(loss[chosen], docs[chosen], config)}
+    run = {
+        "harvest_id": harvest_id,
+        "corpus_id": corpus.id,
+        "model": model.name,
+        "revision": model.revision,
+        "control": model.control.tag() if model.control is not None else None,
+        "ctx_len": ctx_len,
+        **model_facts(model, config, notes),
+        **mean_loss(loss[chosen], docs[chosen], config),
+    }
     # With a BOS in front of every window, position p conditions on p corpus tokens; without one, on p + 1.
     has_bos = bool(corpus.config.get("add_bos", True)) and corpus.extra.get("bos_token_id") is not None
     by_pos = chosen.reshape(-1, ctx_len)
     loss_2d, docs_2d = loss.reshape(-1, ctx_len), docs.reshape(-1, ctx_len)
-    positions = [{"harvest_id": harvest_id, "pos": pos, "context": pos + (0 if has_bos else 1),
-                  **mean_loss(loss_2d[by_pos[:, pos], pos], docs_2d[by_pos[:, pos], pos], config)}
-                 for pos in range(ctx_len) if by_pos[:, pos].any()]
+    positions = [
+        {
+            "harvest_id": harvest_id,
+            "pos": pos,
+            "context": pos + (0 if has_bos else 1),
+            **mean_loss(loss_2d[by_pos[:, pos], pos], docs_2d[by_pos[:, pos], pos], config),
+        }
+        for pos in range(ctx_len)
+        if by_pos[:, pos].any()
+    ]
     return run, positions
 
 

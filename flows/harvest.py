@@ -143,16 +143,27 @@ def check_model_fits(model: torch.nn.Module, plan: HarvestPlan, vocab_needed: in
 
 def array_specs(plan: HarvestPlan, config: HarvestConfig, sites: list[SiteSpec], model_dtype: str) -> list[ArraySpec]:
     logical = model_dtype if config.store_dtype == "model" else config.store_dtype
-    common = {"harvest_id": plan.harvest_id, "corpus_id": plan.corpus_id, "model": config.model.label(),
-              "n_tokens": plan.n_tokens, "ctx_len": plan.ctx_len, "chunk_tokens": plan.chunk_tokens}
-    specs = [ArraySpec(ActivationAttrs(site=s.name, module=s.module, logical_dtype=logical, d=s.d, **common))
-             for s in sites]
+    common = {
+        "harvest_id": plan.harvest_id,
+        "corpus_id": plan.corpus_id,
+        "model": config.model.label(),
+        "n_tokens": plan.n_tokens,
+        "ctx_len": plan.ctx_len,
+        "chunk_tokens": plan.chunk_tokens,
+    }
+    specs = [
+        ArraySpec(ActivationAttrs(site=s.name, module=s.module, logical_dtype=logical, d=s.d, **common)) for s in sites
+    ]
     if config.loss:
         loss_attrs = ActivationAttrs(site=LOSS_SITE, module="lm_head", logical_dtype="float32", d=1, **common)
         specs.append(ArraySpec(loss_attrs, squeeze=True))
     if config.gradient_metric is not None:  # float32 whatever the store dtype: float16 flushes small gradients
-        specs += [ArraySpec(ActivationAttrs(site=gradient_array(s.name), module=s.module, logical_dtype="float32",
-                                            d=s.d, **common)) for s in sites]
+        specs += [
+            ArraySpec(
+                ActivationAttrs(site=gradient_array(s.name), module=s.module, logical_dtype="float32", d=s.d, **common)
+            )
+            for s in sites
+        ]
     return specs
 
 
@@ -196,8 +207,9 @@ def _arrays_info(specs: list[ArraySpec]) -> dict[str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _locked_arrays(store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan,
-                   shard: tuple[int, ...] | None) -> Iterator[tuple[Store, HarvestSetup, HarvestArrays]]:
+def _locked_arrays(
+    store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan, shard: tuple[int, ...] | None
+) -> Iterator[tuple[Store, HarvestSetup, HarvestArrays]]:
     """The checked model and the harvest's arrays, under a lock: the whole harvest's (its arrays created and the
     temp files of killed writes cleared), or one shard's (arrays created before, by `prepare_arrays`)."""
     store = Store(store_root)
@@ -214,18 +226,40 @@ def _locked_arrays(store_root: str, config: HarvestConfig, runtime: HarvestRunti
         raise explain_os_error(exc, directory) from exc
 
 
-def _run_setup(setup: HarvestSetup, arrays: HarvestArrays, chunks: Iterable[int], store: Store,
-               config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan) -> dict[str, Any]:
+def _run_setup(
+    setup: HarvestSetup,
+    arrays: HarvestArrays,
+    chunks: Iterable[int],
+    store: Store,
+    config: HarvestConfig,
+    runtime: HarvestRuntime,
+    plan: HarvestPlan,
+) -> dict[str, Any]:
     """Run those of `chunks` not yet done with the interventions spliced in; the splice is hooked before the
     capture, so the stored activations are the intervened ones."""
     done = arrays.done_chunks()
     todo = [c for c in chunks if c not in done]
     with MODEL_LOCK, Splice(setup.model, setup.targets) as splice:
         splice.set(setup.replacements)
-        stats = _run_chunks(setup.model, setup.sites, arrays, store.corpus_dir(plan.corpus_id), config, runtime,
-                            plan, setup.device, todo)
-    return {"load_seconds": round(setup.load_seconds, 3), **stats, "device": str(setup.device),
-            "arrays": _arrays_info(setup.specs), "pid": os.getpid(), "model_loads": model_loads()}
+        stats = _run_chunks(
+            setup.model,
+            setup.sites,
+            arrays,
+            store.corpus_dir(plan.corpus_id),
+            config,
+            runtime,
+            plan,
+            setup.device,
+            todo,
+        )
+    return {
+        "load_seconds": round(setup.load_seconds, 3),
+        **stats,
+        "device": str(setup.device),
+        "arrays": _arrays_info(setup.specs),
+        "pid": os.getpid(),
+        "model_loads": model_loads(),
+    }
 
 
 @task(name="harvest-chunks")
@@ -241,16 +275,18 @@ def harvest_chunks(
         return _run_setup(setup, arrays, range(plan.n_chunks), store, config, runtime, plan)
 
 
-def prepare_arrays(store_root: str, config: HarvestConfig, runtime: HarvestRuntime,
-                   plan: HarvestPlan) -> dict[str, Any]:
+def prepare_arrays(
+    store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan
+) -> dict[str, Any]:
     """Create the pre-sized arrays once, before shard tasks write into them (two creators would race), and
     clear the temp files of killed writes; returns the arrays' description for the manifest."""
     with _locked_arrays(store_root, config, runtime, plan, None) as (_, setup, _):
         return _arrays_info(setup.specs)
 
 
-def harvest_shard(store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan,
-                  chunks: tuple[int, ...]) -> dict[str, Any]:
+def harvest_shard(
+    store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan, chunks: tuple[int, ...]
+) -> dict[str, Any]:
     """Run the chunks of one shard that are not yet done, into arrays `prepare_arrays` created.
 
     Shards hold disjoint chunks and each chunk is marked done only after its data is durable, so shards may
@@ -260,9 +296,17 @@ def harvest_shard(store_root: str, config: HarvestConfig, runtime: HarvestRuntim
         return _run_setup(setup, arrays, chunks, store, config, runtime, plan)
 
 
-def _run_chunks(model: torch.nn.Module, sites: list[SiteSpec], arrays: HarvestArrays, corpus_dir: Path,
-                config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan,
-                device: torch.device, todo: list[int]) -> dict[str, Any]:
+def _run_chunks(
+    model: torch.nn.Module,
+    sites: list[SiteSpec],
+    arrays: HarvestArrays,
+    corpus_dir: Path,
+    config: HarvestConfig,
+    runtime: HarvestRuntime,
+    plan: HarvestPlan,
+    device: torch.device,
+    todo: list[int],
+) -> dict[str, Any]:
     """The loop: read windows, forward with hooks, hand the batch to the writer thread, next."""
 
     def write(item: tuple[int, dict[str, torch.Tensor]]) -> None:
@@ -271,18 +315,28 @@ def _run_chunks(model: torch.nn.Module, sites: list[SiteSpec], arrays: HarvestAr
     run_start = time.perf_counter()
     tokens_done = 0
     todo_tokens = sum(r.stop - r.start for r in map(arrays.chunk_rows, todo))
-    bar = tqdm(total=plan.n_tokens, initial=plan.n_tokens - todo_tokens,
-               unit="tok", unit_scale=True, desc=plan.harvest_id, disable=not runtime.progress)
-    capture = (Capture(model, sites, loss=config.loss) if config.gradient_metric is None
-               else GradientCapture(model, sites, config.gradient_metric, config.logit_diff_tokens))
+    bar = tqdm(
+        total=plan.n_tokens,
+        initial=plan.n_tokens - todo_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=plan.harvest_id,
+        disable=not runtime.progress,
+    )
+    capture = (
+        Capture(model, sites, loss=config.loss)
+        if config.gradient_metric is None
+        else GradientCapture(model, sites, config.gradient_metric, config.logit_diff_tokens)
+    )
     with capture, BackgroundWriter(write, runtime.queue_chunks) as writer:
         for chunk in todo:
             rows = arrays.chunk_rows(chunk)
             windows = read_windows(corpus_dir, rows.start // plan.ctx_len, rows.stop // plan.ctx_len, plan.ctx_len)
             ids = torch.from_numpy(windows.astype(np.int64)).to(device)
             result = capture(ids)
-            grads = ({gradient_array(s): g for s, g in result.grads.items()}
-                     if isinstance(result, GradientResult) else {})
+            grads = (
+                {gradient_array(s): g for s, g in result.grads.items()} if isinstance(result, GradientResult) else {}
+            )
             bad = first_nonfinite(CaptureResult({**result.acts, **grads}, None))
             if bad is not None:
                 site, row = bad
@@ -299,9 +353,12 @@ def _run_chunks(model: torch.nn.Module, sites: list[SiteSpec], arrays: HarvestAr
             bar.update(rows.stop - rows.start)
     bar.close()
     seconds = time.perf_counter() - run_start
-    return {"run_seconds": round(seconds, 3), "tokens_this_run": tokens_done,
-            "tokens_per_s": round(tokens_done / seconds, 1) if seconds else 0.0,
-            "writer_busy_seconds": round(writer.busy_seconds, 3)}
+    return {
+        "run_seconds": round(seconds, 3),
+        "tokens_this_run": tokens_done,
+        "tokens_per_s": round(tokens_done / seconds, 1) if seconds else 0.0,
+        "writer_busy_seconds": round(writer.busy_seconds, 3),
+    }
 
 
 @task(name="publish-harvest")
@@ -313,10 +370,18 @@ def publish_harvest(store_root: str, config: HarvestConfig, plan: HarvestPlan, s
         raise UserError(f"harvest {plan.harvest_id} still misses chunks {missing[:5]}: re-run to resume")
     arrays = stats["arrays"]
     manifest = Manifest(
-        kind="harvest", id=plan.harvest_id, config=config.model_dump(mode="json"), code_version=code_version(),
+        kind="harvest",
+        id=plan.harvest_id,
+        config=config.model_dump(mode="json"),
+        code_version=code_version(),
         created=utc_now(),
-        counts={"n_tokens": plan.n_tokens, "n_seqs": plan.n_seqs, "n_chunks": plan.n_chunks,
-                "chunk_tokens": plan.chunk_tokens, "bytes": disk_bytes(directory)},
+        counts={
+            "n_tokens": plan.n_tokens,
+            "n_seqs": plan.n_seqs,
+            "n_chunks": plan.n_chunks,
+            "chunk_tokens": plan.chunk_tokens,
+            "bytes": disk_bytes(directory),
+        },
         timings={k: v for k, v in stats.items() if isinstance(v, float | int)},
         extra={"arrays": arrays, "corpus_id": plan.corpus_id, "ctx_len": plan.ctx_len, "device": stats["device"]},
     )

@@ -63,10 +63,14 @@ def ingest_corpus(store_root: str, config: CorpusConfig) -> Manifest:
         counts = flat_counts(write_token_table(staging, batches))
         counts["max_token_id"] = int(scan_tokens(staging).select(pl.col("token_id").max()).collect().item())
         manifest = Manifest(
-            kind="corpus", id=cid, config=corpus_identity(config), code_version=code_version(),
-            created=utc_now(), counts=counts, timings={"seconds": round(time.perf_counter() - start, 3)},
-            extra={"ctx_len": config.ctx_len, "bos_token_id": tokenizer.bos_token_id,
-                   "vocab_size": len(tokenizer)},
+            kind="corpus",
+            id=cid,
+            config=corpus_identity(config),
+            code_version=code_version(),
+            created=utc_now(),
+            counts=counts,
+            timings={"seconds": round(time.perf_counter() - start, 3)},
+            extra={"ctx_len": config.ctx_len, "bos_token_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer)},
         )
         write_manifest(staging, manifest)
     return manifest

@@ -85,6 +85,7 @@ def _shard_key(kind: str) -> Any:
         object_id = target.harvest_id if isinstance(target, HarvestPlan) else f"{target.sae_id}-{target.harvest_id}"
         chunks = parameters["chunks"]
         return f"{kind}-{content_hash(parameters['store_root'])}-{object_id}-{chunks[0]}-{chunks[-1]}"
+
     return key
 
 
@@ -98,8 +99,9 @@ CACHED = {"persist_result": True, "result_serializer": "json", "retry_condition_
 
 
 @task(name="prepare-harvest", cache_key_fn=_object_key, **CACHED)
-def prepare_harvest(store_root: str, config: HarvestConfig, runtime: HarvestRuntime,
-                    plan: HarvestPlan) -> dict[str, Any]:
+def prepare_harvest(
+    store_root: str, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan
+) -> dict[str, Any]:
     """The arrays' description; creates them (on a worker, which keeps the model for its shards) unless the
     harvest is already published."""
     existing = read_manifest(Store(store_root).harvest_dir(plan.harvest_id))
@@ -123,8 +125,9 @@ def _with_retries(t: Task[..., Any], run: RunSettings) -> Task[..., Any]:
     return t.with_options(retries=run.retries, retry_delay_seconds=run.retry_delay_seconds)
 
 
-def _one(t: Task[..., Any], args: tuple[Any, ...], cluster: Cluster, device: str, run: RunSettings,
-         stored: bool) -> Any:
+def _one(
+    t: Task[..., Any], args: tuple[Any, ...], cluster: Cluster, device: str, run: RunSettings, stored: bool
+) -> Any:
     """One task on the cluster (a worker that has the model), or inline; its cached result is used only while
     its output is `stored`."""
     t = _with_retries(t, run).with_options(refresh_cache=not stored)
@@ -140,9 +143,14 @@ def merged_stats(results: list[dict[str, Any]], seconds: float) -> dict[str, Any
     for r in results:
         if "pid" in r:
             loads[r["pid"]] = max(loads.get(r["pid"], 0), r.get("model_loads", 0))
-    return {"run_seconds": round(seconds, 3), "tokens_this_run": tokens,
-            "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "shards": len(results),
-            "worker_processes": len(loads), "model_loads": sum(loads.values())}
+    return {
+        "run_seconds": round(seconds, 3),
+        "tokens_this_run": tokens,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "shards": len(results),
+        "worker_processes": len(loads),
+        "model_loads": sum(loads.values()),
+    }
 
 
 def task_threads(run: RunSettings, cluster: Cluster) -> int | None:
@@ -154,12 +162,19 @@ def task_threads(run: RunSettings, cluster: Cluster) -> int | None:
 
 
 def harvest_step(store_root: str, config: HarvestConfig, run: RunSettings, cluster: Cluster) -> Manifest:
-    runtime = HarvestRuntime(device=run.device, threads=task_threads(run, cluster),
-                             progress=run.progress and not cluster.distributed)
+    runtime = HarvestRuntime(
+        device=run.device, threads=task_threads(run, cluster), progress=run.progress and not cluster.distributed
+    )
     plan = plan_harvest(store_root, config)
     directory = Store(store_root).harvest_dir(plan.harvest_id)
-    arrays = _one(prepare_harvest, (store_root, config, runtime, plan), cluster, run.device, run,
-                  stored=read_manifest(directory) is not None or any(directory.glob("*.zarr/zarr.json")))
+    arrays = _one(
+        prepare_harvest,
+        (store_root, config, runtime, plan),
+        cluster,
+        run.device,
+        run,
+        stored=read_manifest(directory) is not None or any(directory.glob("*.zarr/zarr.json")),
+    )
 
     def missing(chunks: tuple[int, ...]) -> tuple[int, ...]:
         if read_manifest(directory) is not None:
@@ -169,14 +184,18 @@ def harvest_step(store_root: str, config: HarvestConfig, run: RunSettings, clust
 
     start = time.perf_counter()
     shards = [(store_root, config, runtime, plan, s) for s in shard_ranges(plan.n_chunks, cluster, run.shard_chunks)]
-    results = run_shards(_with_retries(harvest_shard_task, run), shards, cluster, run.device, missing,
-                         f"harvest {plan.harvest_id}")
+    results = run_shards(
+        _with_retries(harvest_shard_task, run), shards, cluster, run.device, missing, f"harvest {plan.harvest_id}"
+    )
     existing = read_manifest(directory)
     if existing is not None:
         return existing
     devices = {r["device"] for r in results if "device" in r}
-    stats = {**merged_stats(results, time.perf_counter() - start), "arrays": arrays,
-             "device": ",".join(sorted(devices)) or run.device}
+    stats = {
+        **merged_stats(results, time.perf_counter() - start),
+        "arrays": arrays,
+        "device": ",".join(sorted(devices)) or run.device,
+    }
     return publish_harvest(store_root, config, plan, stats)
 
 
@@ -184,8 +203,9 @@ def encode_step(store_root: str, config: EncodeConfig, run: RunSettings, cluster
     store = Store(store_root)
     directory = store.features_dir(config.sae_id, config.harvest_id)
     acts = store.activations(config.harvest_id, config.site)
-    runtime = EncodeRuntime(device=run.device, threads=task_threads(run, cluster),
-                            progress=run.progress and not cluster.distributed)
+    runtime = EncodeRuntime(
+        device=run.device, threads=task_threads(run, cluster), progress=run.progress and not cluster.distributed
+    )
     n_chunks = -(-len(acts) // acts.chunk_tokens)
 
     def missing(chunks: tuple[int, ...]) -> tuple[int, ...]:
@@ -196,8 +216,9 @@ def encode_step(store_root: str, config: EncodeConfig, run: RunSettings, cluster
 
     start = time.perf_counter()
     shards = [(store_root, config, runtime, s) for s in shard_ranges(n_chunks, cluster, run.shard_chunks)]
-    results = run_shards(_with_retries(encode_shard_task, run), shards, cluster, run.device, missing,
-                         f"encode {config.sae_id}")
+    results = run_shards(
+        _with_retries(encode_shard_task, run), shards, cluster, run.device, missing, f"encode {config.sae_id}"
+    )
     existing = read_manifest(directory)
     if existing is not None:
         return existing
@@ -217,18 +238,37 @@ def run_steps(config: PipelineConfig, store_root: str, cluster: Cluster) -> dict
         torch.set_num_threads(run.threads)
     corpus = ingest(store_root, config.corpus)
     push(store_root)
-    harvest_config = HarvestConfig(corpus_id=corpus.id, model=config.model, sites=config.harvest.sites,
-                                   loss=config.harvest.loss, store_dtype=config.harvest.store_dtype,
-                                   batch_windows=config.harvest.batch_windows, max_tokens=config.harvest.max_tokens)
+    harvest_config = HarvestConfig(
+        corpus_id=corpus.id,
+        model=config.model,
+        sites=config.harvest.sites,
+        loss=config.harvest.loss,
+        store_dtype=config.harvest.store_dtype,
+        batch_windows=config.harvest.batch_windows,
+        max_tokens=config.harvest.max_tokens,
+    )
     harvested = harvest_step(store_root, harvest_config, run, cluster)
     push(store_root)
-    summary: dict[str, Any] = {"store": store_root, "corpus_id": corpus.id, "harvest_id": harvested.id,
-                               "n_tokens": harvested.counts["n_tokens"],
-                               "harvest_tokens_per_s": harvested.timings.get("tokens_per_s"), "saes": []}
+    summary: dict[str, Any] = {
+        "store": store_root,
+        "corpus_id": corpus.id,
+        "harvest_id": harvested.id,
+        "n_tokens": harvested.counts["n_tokens"],
+        "harvest_tokens_per_s": harvested.timings.get("tokens_per_s"),
+        "saes": [],
+    }
     for site in config.harvest.sites if config.train is not None else ():
         assert config.train is not None
-        sae = train(store_root, TrainRun(harvest_id=harvested.id, site=site, train=config.train.train_config(),
-                                         checkpoint_every=config.train.checkpoint_every), progress=run.progress)
+        sae = train(
+            store_root,
+            TrainRun(
+                harvest_id=harvested.id,
+                site=site,
+                train=config.train.train_config(),
+                checkpoint_every=config.train.checkpoint_every,
+            ),
+            progress=run.progress,
+        )
         push(store_root)
         entry: dict[str, Any] = {"site": site, "sae_id": sae.id}
         if config.encode is not None:
@@ -238,8 +278,9 @@ def run_steps(config: PipelineConfig, store_root: str, cluster: Cluster) -> dict
             push(store_root)
         if config.eval is not None:
             eval_config = EvalConfig(sae_id=sae.id, harvest_id=harvested.id, site=site, **config.eval.model_dump())
-            runtime = EvalRuntime(device=run.device, threads=task_threads(run, cluster),
-                                  progress=run.progress and not cluster.distributed)
+            runtime = EvalRuntime(
+                device=run.device, threads=task_threads(run, cluster), progress=run.progress and not cluster.distributed
+            )
             stored = read_manifest(Store(store_root).eval_dir(eval_config.eval_id())) is not None
             evaluated = _one(evaluate_task, (store_root, eval_config, runtime), cluster, run.device, run, stored)
             entry.update(eval_id=evaluated.id, eval=evaluated.extra["summary"])
@@ -247,16 +288,18 @@ def run_steps(config: PipelineConfig, store_root: str, cluster: Cluster) -> dict
         if config.dashboard is not None and config.encode is not None:
             site_dir = default_site_dir(store_root, sae.id, harvested.id)
             if not (site_dir / RECORD_NAME).is_file():
-                site_dir = dashboard(store_root, sae.id, harvested.id, logits=config.dashboard.logits,
-                                     device=run.device)
+                site_dir = dashboard(
+                    store_root, sae.id, harvested.id, logits=config.dashboard.logits, device=run.device
+                )
             entry["dashboard"] = str(site_dir / "index.html")
         summary["saes"].append(entry)
     return summary
 
 
 @flow(name="pipeline")
-def pipeline(config_path: str, dask_address: str | None = None, workers: int | None = None,
-             store: str | None = None) -> dict[str, Any]:
+def pipeline(
+    config_path: str, dask_address: str | None = None, workers: int | None = None, store: str | None = None
+) -> dict[str, Any]:
     """Run the pipeline a config file describes; `dask_address` / `workers` override its `run` section and
     `store` its store root. Re-running the same config resumes and never repeats finished work."""
     path = Path(config_path).expanduser().resolve()
@@ -265,19 +308,26 @@ def pipeline(config_path: str, dask_address: str | None = None, workers: int | N
     check_pipeline(config)
     cluster = connect(dask_address or config.run.dask_address, workers or config.run.workers)
     if cluster.address is not None and Store(store_root).remote is not None:
-        raise UserError(f"store {store_root} is built in a local cache and published per object, which workers on "
-                        "other machines cannot share: use a directory every worker mounts, or --workers N")
+        raise UserError(
+            f"store {store_root} is built in a local cache and published per object, which workers on "
+            "other machines cannot share: use a directory every worker mounts, or --workers N"
+        )
     if cluster.distributed and get_current_settings().api.url is None:
-        raise UserError("a Dask run needs a Prefect server its workers report to: set PREFECT_API_URL, or use "
-                        "`actstore run`, which starts one")
+        raise UserError(
+            "a Dask run needs a Prefect server its workers report to: set PREFECT_API_URL, or use "
+            "`actstore run`, which starts one"
+        )
     if config.run.gpu_concurrency is not None:
         set_gpu_limit(config.run.gpu_concurrency)
     runner = cluster.task_runner()
     steps = run_steps if runner is None else run_steps.with_options(task_runner=runner)
     start = time.perf_counter()
     summary = steps(config, store_root, cluster)
-    summary.update(seconds=round(time.perf_counter() - start, 1), workers=cluster.workers,
-                   cluster=cluster.address or (f"local x{cluster.local_workers}" if cluster.distributed else "none"))
+    summary.update(
+        seconds=round(time.perf_counter() - start, 1),
+        workers=cluster.workers,
+        cluster=cluster.address or (f"local x{cluster.local_workers}" if cluster.distributed else "none"),
+    )
     report(config, summary)
     return summary
 
@@ -290,15 +340,17 @@ def set_gpu_limit(limit: int) -> None:
         client.create_concurrency_limit(tag="gpu", concurrency_limit=limit)
 
 
-def run_pipeline(config_path: str, dask_address: str | None = None, workers: int | None = None,
-                 store: str | None = None) -> dict[str, Any]:
+def run_pipeline(
+    config_path: str, dask_address: str | None = None, workers: int | None = None, store: str | None = None
+) -> dict[str, Any]:
     """`actstore run`: check the config without Prefect (fast errors), start a local Prefect server when Dask
     workers need one and none is set, then run the flow."""
     path = Path(config_path).expanduser()
     config = load_pipeline_config(path)
     check_pipeline(config)
     if (dask_address or workers or config.run.dask_address or config.run.workers) and not os.environ.get(
-            "PREFECT_API_URL"):
+        "PREFECT_API_URL"
+    ):
         from actstore.flows.prefect_server import ensure_api
 
         ensure_api()

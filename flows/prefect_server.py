@@ -36,8 +36,9 @@ def healthy(api_url: str) -> bool:
         return False
 
 
-def start_server(home: Path, port: int | None = None, database_url: str | None = None,
-                 host: str = "127.0.0.1") -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    home: Path, port: int | None = None, database_url: str | None = None, host: str = "127.0.0.1"
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start `prefect server start` with its state in `home`; returns the process and its API URL once healthy."""
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -48,8 +49,13 @@ def start_server(home: Path, port: int | None = None, database_url: str | None =
     log = home / "server.log"
     prefect = Path(sys.executable).with_name("prefect")
     with log.open("ab") as log_file:
-        server = subprocess.Popen([str(prefect), "server", "start", "--host", host, "--port", str(port)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True)
+        server = subprocess.Popen(
+            [str(prefect), "server", "start", "--host", host, "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            start_new_session=True,
+        )
     url = f"http://{host}:{port}/api"
     deadline = time.monotonic() + START_TIMEOUT_S
     while not healthy(url):
@@ -80,11 +86,15 @@ def ensure_api(database_url: str | None = None, port: int | None = None) -> str:
     url = os.environ.get("PREFECT_API_URL")
     if url:
         if database_url:
-            raise UserError("--database-url starts a new server, but PREFECT_API_URL names one already: "
-                            "unset PREFECT_API_URL or drop --database-url")
+            raise UserError(
+                "--database-url starts a new server, but PREFECT_API_URL names one already: "
+                "unset PREFECT_API_URL or drop --database-url"
+            )
         if not healthy(url):
-            raise UserError(f"PREFECT_API_URL={url} does not answer: start that server "
-                            "(prefect server start) or unset PREFECT_API_URL to start one here")
+            raise UserError(
+                f"PREFECT_API_URL={url} does not answer: start that server "
+                "(prefect server start) or unset PREFECT_API_URL to start one here"
+            )
         return url
     home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
     server, url = start_server(home, port, database_url)

@@ -15,8 +15,11 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=20, help="rows to print")
     p.add_argument("--context", type=int, default=8, help="tokens of context either side")
     what = p.add_subparsers(dest="query", required=True)
-    for name, help_text in (("top", "top examples of a feature"), ("quantiles", "examples across its range"),
-                            ("cooc", "features firing on the same tokens")):
+    for name, help_text in (
+        ("top", "top examples of a feature"),
+        ("quantiles", "examples across its range"),
+        ("cooc", "features firing on the same tokens"),
+    ):
         what.add_parser(name, help=help_text).add_argument("feature", type=int)
     density = what.add_parser("density", help="per-feature density (densest first)")
     density.add_argument("--dead", action="store_true", help="only features that never fire")
@@ -39,21 +42,32 @@ def open_queries(a: argparse.Namespace) -> FeatureQueries:
         # synthetic rows stand for no text: contexts show one mark per row, the activating row in «»
         return store.features(a.sae, a.harvest, decode=lambda ids: "·" * len(ids))
     tokenizer = load_tokenizer(ModelConfig.model_validate(harvest.config["model"]))
-    return store.features(a.sae, a.harvest, decode=lambda ids: tokenizer.decode(list(ids)),
-                          encode=lambda text: tokenizer.encode(text, add_special_tokens=False))
+    return store.features(
+        a.sae,
+        a.harvest,
+        decode=lambda ids: tokenizer.decode(list(ids)),
+        encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
+    )
 
 
 def run_query(a: argparse.Namespace) -> pl.DataFrame:
     q = open_queries(a)
     token: int | str = int(a.token) if getattr(a, "token", "x").isdigit() else getattr(a, "token", "")
     frames: dict[str, Any] = {
-        "top": lambda: q.top_examples(a.feature, k=a.limit, context=a.context)
-        .select("rank", "tok", "doc", "value", "context_text"),
-        "quantiles": lambda: q.quantile_examples(a.feature, context=a.context)
-        .select("bucket", "tok", "value", "context_text"),
+        "top": lambda: q.top_examples(a.feature, k=a.limit, context=a.context).select(
+            "rank", "tok", "doc", "value", "context_text"
+        ),
+        "quantiles": lambda: q.quantile_examples(a.feature, context=a.context).select(
+            "bucket", "tok", "value", "context_text"
+        ),
         "cooc": lambda: q.cooccurrence(a.feature, top=a.limit),
-        "density": lambda: (q.dead() if a.dead else q.dense(a.dense) if a.dense is not None
-                            else q.density().sort("density", descending=True)).head(a.limit),
+        "density": lambda: (
+            q.dead()
+            if a.dead
+            else q.dense(a.dense)
+            if a.dense is not None
+            else q.density().sort("density", descending=True)
+        ).head(a.limit),
         "doc": lambda: q.document(a.doc).head(a.limit),
         "range": lambda: q.token_range(a.start, a.stop).head(a.limit),
         "token": lambda: q.on_token(token).head(a.limit),

@@ -54,8 +54,13 @@ def publish_sae(store_root: str, sae: SAE, source: str, extra: dict | None = Non
         if existing is not None:
             return existing
         manifest = Manifest(
-            kind="sae", id=sae_id, config=sae.config.model_dump(mode="json"), code_version=code_version(),
-            created=utc_now(), counts={"d_in": sae.d_in, "d_sae": sae.d_sae}, extra={"source": source, **(extra or {})},
+            kind="sae",
+            id=sae_id,
+            config=sae.config.model_dump(mode="json"),
+            code_version=code_version(),
+            created=utc_now(),
+            counts={"d_in": sae.d_in, "d_sae": sae.d_sae},
+            extra={"source": source, **(extra or {})},
         )
         write_manifest(tmp, manifest)
         shutil.rmtree(final, ignore_errors=True)
@@ -85,8 +90,9 @@ def stored_sae_id(store_root: str, sae: str, model: SAE, known_id: str | None) -
     return known_id or publish_sae(store_root, model, source=str(Path(sae).resolve())).id
 
 
-def sae_on_site(store: Store, sae_id: str, harvest_id: str, site: str, device: torch.device,
-                allow_mismatch: bool) -> tuple[Manifest, ActivationArray, SAE]:
+def sae_on_site(
+    store: Store, sae_id: str, harvest_id: str, site: str, device: torch.device, allow_mismatch: bool
+) -> tuple[Manifest, ActivationArray, SAE]:
     """A stored SAE on `device` and the harvest site it will read, checked to fit (width, and model and hook
     unless `allow_mismatch`) before any work starts: the harvest manifest, the site's array and the SAE."""
     harvest = store.manifest("harvest", harvest_id)

@@ -25,16 +25,23 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 def schedules(config: PipelineConfig, path: Path) -> list[Any]:
     if config.schedule is None:
-        raise UserError(f"pipeline config {path} has no schedule: add `schedule: {{cron: \"0 3 * * *\"}}` or "
-                        "`schedule: {interval_seconds: 3600}`, or run it once with `actstore run`")
+        raise UserError(
+            f'pipeline config {path} has no schedule: add `schedule: {{cron: "0 3 * * *"}}` or '
+            "`schedule: {interval_seconds: 3600}`, or run it once with `actstore run`"
+        )
     if config.schedule.cron is not None:
         return [Cron(config.schedule.cron, timezone=config.schedule.timezone)]
     assert config.schedule.interval_seconds is not None
     return [Interval(config.schedule.interval_seconds, timezone=config.schedule.timezone)]
 
 
-def serve_pipeline(config_path: str, database_url: str | None = None, port: int | None = None,
-                   dask_address: str | None = None, workers: int | None = None) -> None:
+def serve_pipeline(
+    config_path: str,
+    database_url: str | None = None,
+    port: int | None = None,
+    dask_address: str | None = None,
+    workers: int | None = None,
+) -> None:
     """Blocks until interrupted; the deployment is named after the config's `name`."""
     path = Path(config_path).expanduser().resolve()
     config = load_pipeline_config(path)
@@ -50,7 +57,12 @@ def serve_pipeline(config_path: str, database_url: str | None = None, port: int 
     # import path: run them from the project's own folder, so no `store/` or `flows/` directory where `serve`
     # was started can shadow the packages.
     os.chdir(PROJECT_DIR)
-    deployment = pipeline.to_deployment(name=config.name, schedules=plan, parameters=parameters,
-                                        concurrency_limit=1, description=f"actstore pipeline {path}")
+    deployment = pipeline.to_deployment(
+        name=config.name,
+        schedules=plan,
+        parameters=parameters,
+        concurrency_limit=1,
+        description=f"actstore pipeline {path}",
+    )
     print(f"serving deployment pipeline/{config.name} on {url} ({plan[0]}); Ctrl-C stops")
     serve(deployment, limit=1, print_starting_message=False)

@@ -60,13 +60,20 @@ def window_batches(config: SyntheticConfig) -> Iterator[pa.RecordBatch]:
     ctx = config.ctx_len
     for first in range(0, config.n_seqs, TABLE_WINDOWS):
         seqs = np.arange(first, min(first + TABLE_WINDOWS, config.n_seqs), dtype=np.int64)
-        codes = np.array([SPLITS.index(document_split(window_text(int(s)), config.holdout_fraction)) for s in seqs],
-                         dtype=np.int8)
+        codes = np.array(
+            [SPLITS.index(document_split(window_text(int(s)), config.holdout_fraction)) for s in seqs], dtype=np.int8
+        )
         tok = np.arange(first * ctx, (seqs[-1] + 1) * ctx, dtype=np.int64)
         seq = tok // ctx
         split = pa.DictionaryArray.from_arrays(pa.array(np.repeat(codes, ctx)), pa.array(SPLITS, pa.string()))
-        columns = [pa.array(tok), pa.array(seq), pa.array(seq), pa.array((tok % ctx).astype(np.int32)),
-                   pa.array(np.zeros(len(tok), np.int32)), split]
+        columns = [
+            pa.array(tok),
+            pa.array(seq),
+            pa.array(seq),
+            pa.array((tok % ctx).astype(np.int32)),
+            pa.array(np.zeros(len(tok), np.int32)),
+            split,
+        ]
         yield pa.RecordBatch.from_arrays(columns, schema=TOKEN_SCHEMA)
 
 
@@ -84,8 +91,13 @@ def synthetic_corpus(store_root: str, config: SyntheticConfig) -> Manifest:
         counts = flat_counts(write_token_table(staging, window_batches(config)))
         counts["max_token_id"] = 0
         manifest = Manifest(
-            kind="corpus", id=corpus_id, config=config.corpus_identity(), code_version=code_version(),
-            created=utc_now(), counts=counts, timings={"seconds": round(time.perf_counter() - start, 3)},
+            kind="corpus",
+            id=corpus_id,
+            config=config.corpus_identity(),
+            code_version=code_version(),
+            created=utc_now(),
+            counts=counts,
+            timings={"seconds": round(time.perf_counter() - start, 3)},
             extra={"ctx_len": config.ctx_len, "bos_token_id": None, "vocab_size": 1},
         )
         write_manifest(staging, manifest)
@@ -99,16 +111,26 @@ def plan_synthetic(config: SyntheticConfig) -> HarvestPlan:
 
 
 def array_spec(config: SyntheticConfig, plan: HarvestPlan) -> ArraySpec:
-    return ArraySpec(ActivationAttrs(
-        harvest_id=plan.harvest_id, corpus_id=plan.corpus_id, site=SYNTHETIC_SITE, module=SYNTHETIC_SITE,
-        model=config.model_name, logical_dtype="float32", n_tokens=plan.n_tokens, d=config.d,
-        ctx_len=plan.ctx_len, chunk_tokens=plan.chunk_tokens,
-    ))
+    return ArraySpec(
+        ActivationAttrs(
+            harvest_id=plan.harvest_id,
+            corpus_id=plan.corpus_id,
+            site=SYNTHETIC_SITE,
+            module=SYNTHETIC_SITE,
+            model=config.model_name,
+            logical_dtype="float32",
+            n_tokens=plan.n_tokens,
+            d=config.d,
+            ctx_len=plan.ctx_len,
+            chunk_tokens=plan.chunk_tokens,
+        )
+    )
 
 
 @task(name="synthetic-chunks")
-def synthetic_chunks(store_root: str, config: SyntheticConfig, plan: HarvestPlan, progress: bool = True
-                     ) -> dict[str, Any]:
+def synthetic_chunks(
+    store_root: str, config: SyntheticConfig, plan: HarvestPlan, progress: bool = True
+) -> dict[str, Any]:
     """Draw and store every chunk not yet done; returns this run's timing figures."""
     directory = Store(store_root).harvest_dir(plan.harvest_id)
     params = mixture_parameters(config) if config.kind == "gaussian_mixture" else None
@@ -121,8 +143,14 @@ def synthetic_chunks(store_root: str, config: SyntheticConfig, plan: HarvestPlan
             todo = [c for c in range(plan.n_chunks) if c not in arrays.done_chunks()]
             spans = [arrays.chunk_rows(c) for c in todo]
             tokens = sum(r.stop - r.start for r in spans)
-            bar = tqdm(total=plan.n_tokens, initial=plan.n_tokens - tokens, unit="tok", unit_scale=True,
-                       desc=plan.harvest_id, disable=not progress)
+            bar = tqdm(
+                total=plan.n_tokens,
+                initial=plan.n_tokens - tokens,
+                unit="tok",
+                unit_scale=True,
+                desc=plan.harvest_id,
+                disable=not progress,
+            )
 
             def write(item: tuple[int, np.ndarray]) -> None:
                 arrays.write_chunk(item[0], {SYNTHETIC_SITE: item[1]})
@@ -138,14 +166,17 @@ def synthetic_chunks(store_root: str, config: SyntheticConfig, plan: HarvestPlan
     except OSError as exc:
         raise explain_os_error(exc, directory) from exc
     seconds = time.perf_counter() - start
-    return {"draw_seconds": round(draw_seconds, 3), "run_seconds": round(seconds, 3), "tokens_this_run": tokens,
-            "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
-            "writer_busy_seconds": round(writer.busy_seconds, 3)}
+    return {
+        "draw_seconds": round(draw_seconds, 3),
+        "run_seconds": round(seconds, 3),
+        "tokens_this_run": tokens,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "writer_busy_seconds": round(writer.busy_seconds, 3),
+    }
 
 
 @task(name="publish-synthetic")
-def publish_synthetic(store_root: str, config: SyntheticConfig, plan: HarvestPlan, stats: dict[str, Any]
-                      ) -> Manifest:
+def publish_synthetic(store_root: str, config: SyntheticConfig, plan: HarvestPlan, stats: dict[str, Any]) -> Manifest:
     """Write the ground truth, then the manifest once every chunk is durable: from then on the set is readable."""
     directory = Store(store_root).harvest_dir(plan.harvest_id)
     missing = sorted(set(range(plan.n_chunks)) - done_chunks(directory))
@@ -160,13 +191,26 @@ def publish_synthetic(store_root: str, config: SyntheticConfig, plan: HarvestPla
     else:
         truth["bounds"] = [-config.scale, config.scale]
     manifest = Manifest(
-        kind="harvest", id=plan.harvest_id, config=config.identity(), code_version=code_version(),
+        kind="harvest",
+        id=plan.harvest_id,
+        config=config.identity(),
+        code_version=code_version(),
         created=utc_now(),
-        counts={"n_tokens": plan.n_tokens, "n_seqs": plan.n_seqs, "n_chunks": plan.n_chunks,
-                "chunk_tokens": plan.chunk_tokens, "bytes": disk_bytes(directory)},
+        counts={
+            "n_tokens": plan.n_tokens,
+            "n_seqs": plan.n_seqs,
+            "n_chunks": plan.n_chunks,
+            "chunk_tokens": plan.chunk_tokens,
+            "bytes": disk_bytes(directory),
+        },
         timings={k: v for k, v in stats.items() if isinstance(v, float | int)},
-        extra={"arrays": {SYNTHETIC_SITE: {"d": config.d, "dtype": "float32", "module": SYNTHETIC_SITE}},
-               "corpus_id": plan.corpus_id, "ctx_len": plan.ctx_len, "device": "cpu", "synthetic": truth},
+        extra={
+            "arrays": {SYNTHETIC_SITE: {"d": config.d, "dtype": "float32", "module": SYNTHETIC_SITE}},
+            "corpus_id": plan.corpus_id,
+            "ctx_len": plan.ctx_len,
+            "device": "cpu",
+            "synthetic": truth,
+        },
     )
     write_manifest(directory, manifest)
     return manifest

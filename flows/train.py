@@ -87,13 +87,22 @@ def train_sae(store_root: str, run: TrainRun, progress: bool = True) -> Manifest
     cfg = run.train
     steps = cfg.total_tokens // cfg.batch_size
     if steps == 0:
-        raise UserError(f"total_tokens {cfg.total_tokens} is less than one batch of {cfg.batch_size}: "
-                        "raise --tokens or lower --batch-size")
+        raise UserError(
+            f"total_tokens {cfg.total_tokens} is less than one batch of {cfg.batch_size}: "
+            "raise --tokens or lower --batch-size"
+        )
     drop = {0} if run.drop_bos else set()
 
     def shards(split: str, seed: int) -> ShardReader:
-        return ShardReader(store, [(run.harvest_id, run.site)], cfg.batch_size, seed=seed,
-                           buffer_tokens=run.buffer_tokens, split=split, drop_positions=drop)
+        return ShardReader(
+            store,
+            [(run.harvest_id, run.site)],
+            cfg.batch_size,
+            seed=seed,
+            buffer_tokens=run.buffer_tokens,
+            split=split,
+            drop_positions=drop,
+        )
 
     reader = shards("train", cfg.seed)
     trainer = Trainer(cfg, d_in)
@@ -119,25 +128,39 @@ def train_sae(store_root: str, run: TrainRun, progress: bool = True) -> Manifest
                 metrics = trainer.step(next(batches))
                 log.append({"step": trainer.steps_done, "tokens": trainer.tokens_seen, **metrics._asdict()})
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics.loss:.3g}", l0=f"{metrics.l0:.1f}", fvu=f"{metrics.fvu:.3f}",
-                                dead=metrics.dead)
+                bar.set_postfix(
+                    loss=f"{metrics.loss:.3g}", l0=f"{metrics.l0:.1f}", fvu=f"{metrics.fvu:.3f}", dead=metrics.dead
+                )
                 if trainer.steps_done % run.checkpoint_every == 0 and trainer.steps_done < steps:
                     write_checkpoint(directory, trainer, reader, log)
             bar.close()
             train_seconds = time.perf_counter() - start
-            sae = trainer.export(hook_name=run.site, model_name=harvest_model_label(harvest),
-                                 metadata={"sae_id": sae_id, "harvest_id": run.harvest_id})
+            sae = trainer.export(
+                hook_name=run.site,
+                model_name=harvest_model_label(harvest),
+                metadata={"sae_id": sae_id, "harvest_id": run.harvest_id},
+            )
             evaluation = evaluate(sae, _limited(shards("holdout", 0), run.eval_tokens))
             save(sae, directory)
             pl.DataFrame(log).write_parquet(directory / LOG_NAME)
             manifest = Manifest(
-                kind="sae", id=sae_id, config=run.model_dump(mode="json"), code_version=code_version(),
+                kind="sae",
+                id=sae_id,
+                config=run.model_dump(mode="json"),
+                code_version=code_version(),
                 created=utc_now(),
                 counts={"d_in": d_in, "d_sae": sae.d_sae, "steps": trainer.steps_done, "tokens": trainer.tokens_seen},
-                timings={"train_seconds": round(train_seconds, 3),
-                         "steps_per_s": round(len(log) / train_seconds, 3) if train_seconds else 0.0},
-                extra={"eval_holdout": evaluation, "final_step": log[-1] if log else {}, "source": "trained",
-                       "harvest_id": run.harvest_id, "site": run.site},
+                timings={
+                    "train_seconds": round(train_seconds, 3),
+                    "steps_per_s": round(len(log) / train_seconds, 3) if train_seconds else 0.0,
+                },
+                extra={
+                    "eval_holdout": evaluation,
+                    "final_step": log[-1] if log else {},
+                    "source": "trained",
+                    "harvest_id": run.harvest_id,
+                    "site": run.site,
+                },
             )
             write_manifest(directory, manifest)
             checkpoint = latest_checkpoint(directory)
@@ -162,5 +185,3 @@ def _limited(reader: ShardReader, tokens: int) -> Iterator[torch.Tensor]:
 def train(store_root: str, run: TrainRun, progress: bool = True) -> Manifest:
     """Harvested activations -> a trained SAE in the store (`saes/<sae_id>`), resumable."""
     return train_sae(store_root, run, progress)
-
-

@@ -61,26 +61,33 @@ def check_pair(store_root: str, config: TransferConfig) -> list[str]:
     store = Store(store_root)
     a, b = store.manifest("harvest", config.harvest_a), store.manifest("harvest", config.harvest_b)
     if a.extra["corpus_id"] != b.extra["corpus_id"] or a.counts["n_tokens"] != b.counts["n_tokens"]:
-        raise UserError(f"harvests {config.harvest_a} and {config.harvest_b} hold different tokens (corpus "
-                        f"{a.extra['corpus_id']} x {a.counts['n_tokens']} vs {b.extra['corpus_id']} x "
-                        f"{b.counts['n_tokens']}): harvest both models on the same corpus and --max-tokens")
+        raise UserError(
+            f"harvests {config.harvest_a} and {config.harvest_b} hold different tokens (corpus "
+            f"{a.extra['corpus_id']} x {a.counts['n_tokens']} vs {b.extra['corpus_id']} x "
+            f"{b.counts['n_tokens']}): harvest both models on the same corpus and --max-tokens"
+        )
     shared = [s for s in activation_sites(a) if s in activation_sites(b)]
     sites = list(config.sites) or shared
     missing = [s for s in sites if s not in shared]
     if missing or not sites:
-        raise UserError(f"site {missing[0] if missing else '(none)'} is not in both harvests: choose from "
-                        f"{', '.join(shared) or 'nothing (they share no site)'}")
+        raise UserError(
+            f"site {missing[0] if missing else '(none)'} is not in both harvests: choose from "
+            f"{', '.join(shared) or 'nothing (they share no site)'}"
+        )
     for site in sites:
         da, db = store.activations(config.harvest_a, site).attrs.d, store.activations(config.harvest_b, site).attrs.d
         if da != db:
-            raise UserError(f"site {site} has width {da} in {config.harvest_a} but {db} in {config.harvest_b}: "
-                            "compare models of the same width")
+            raise UserError(
+                f"site {site} has width {da} in {config.harvest_a} but {db} in {config.harvest_b}: "
+                "compare models of the same width"
+            )
     return sites
 
 
 @task(name="compare-activations")
-def compare_activations(store_root: str, config: TransferConfig, site: str, out: str,
-                        progress: bool = True) -> dict[str, Any]:
+def compare_activations(
+    store_root: str, config: TransferConfig, site: str, out: str, progress: bool = True
+) -> dict[str, Any]:
     """Cosine similarity and Euclidean distance of the two models' activations, every token of one site."""
     store = Store(store_root)
     a, b = store.activations(config.harvest_a, site), store.activations(config.harvest_b, site)
@@ -98,15 +105,17 @@ def compare_activations(store_root: str, config: TransferConfig, site: str, out:
 
 
 @task(name="correlate-features")
-def correlate_features(store_root: str, config: TransferConfig, sae_id: str, site: str, own: str,
-                       other: str) -> FeatureCorrelationResult:
+def correlate_features(
+    store_root: str, config: TransferConfig, sae_id: str, site: str, own: str, other: str
+) -> FeatureCorrelationResult:
     """One SAE on both models' activations of the same tokens: per-feature activation correlation."""
     store = Store(store_root)
     device = pick_device("auto")
     sae = load(store.sae_dir(sae_id), device=device)
     acts_own, acts_other = store.activations(own, site), store.activations(other, site)
-    picker = TokenPicker(store, store.manifest("harvest", own).extra["corpus_id"], _eval_config(config, sae_id, own,
-                                                                                                  site), len(acts_own))
+    picker = TokenPicker(
+        store, store.manifest("harvest", own).extra["corpus_id"], _eval_config(config, sae_id, own, site), len(acts_own)
+    )
     corr = FeatureCorrelation(sae.d_sae)
     with torch.inference_mode():
         for chunk in range(-(-len(acts_own) // acts_own.chunk_tokens)):
@@ -123,8 +132,15 @@ def correlate_features(store_root: str, config: TransferConfig, sae_id: str, sit
 
 
 def _eval_config(config: TransferConfig, sae_id: str, harvest_id: str, site: str) -> EvalConfig:
-    return EvalConfig(sae_id=sae_id, harvest_id=harvest_id, site=site, split=config.split,
-                      max_tokens=config.max_tokens, exclude_bos=config.exclude_bos, ce_tokens=config.ce_tokens)
+    return EvalConfig(
+        sae_id=sae_id,
+        harvest_id=harvest_id,
+        site=site,
+        split=config.split,
+        max_tokens=config.max_tokens,
+        exclude_bos=config.exclude_bos,
+        ce_tokens=config.ce_tokens,
+    )
 
 
 def _sae_site(store: Store, sae_id: str, sites: list[str]) -> str:
@@ -133,8 +149,7 @@ def _sae_site(store: Store, sae_id: str, sites: list[str]) -> str:
         return hook
     if len(sites) == 1:
         return sites[0]
-    raise UserError(f"SAE {sae_id} reads {hook}, which is not among the compared sites {', '.join(sites)}: "
-                    "pass --site")
+    raise UserError(f"SAE {sae_id} reads {hook}, which is not among the compared sites {', '.join(sites)}: pass --site")
 
 
 def _logit_cos(store: Store, sae_id: str, config: TransferConfig) -> np.ndarray | None:
@@ -149,14 +164,17 @@ def _logit_cos(store: Store, sae_id: str, config: TransferConfig) -> np.ndarray 
     return logit_weight_similarity(load(store.sae_dir(sae_id)).W_dec.detach(), w_u[0], w_u[1]).numpy()
 
 
-def transfer_saes(store_root: str, config: TransferConfig, sites: list[str],
-                  runtime: EvalRuntime) -> tuple[list[dict[str, Any]], list[pl.DataFrame]]:
+def transfer_saes(
+    store_root: str, config: TransferConfig, sites: list[str], runtime: EvalRuntime
+) -> tuple[list[dict[str, Any]], list[pl.DataFrame]]:
     """Evaluate each SAE on its own and the other model; per-feature transfer of each."""
     store = Store(store_root)
     rows: list[dict[str, Any]] = []
     features: list[pl.DataFrame] = []
-    pairs = [(config.sae_a, config.harvest_a, config.harvest_b, "a"), (config.sae_b, config.harvest_b,
-                                                                       config.harvest_a, "b")]
+    pairs = [
+        (config.sae_a, config.harvest_a, config.harvest_b, "a"),
+        (config.sae_b, config.harvest_b, config.harvest_a, "b"),
+    ]
     for sae_id, own, other, side in pairs:
         if sae_id is None:
             continue
@@ -164,25 +182,34 @@ def transfer_saes(store_root: str, config: TransferConfig, sites: list[str],
         mismatch = runtime.model_copy(update={"allow_mismatch": True})
         evals = {}
         for target, name in ((own, f"{side}_on_{side}"), (other, f"{side}_on_{'b' if side == 'a' else 'a'}")):
-            manifest = evaluate(store_root, _eval_config(config, sae_id, target, site),
-                                runtime if target == own else mismatch)
+            manifest = evaluate(
+                store_root, _eval_config(config, sae_id, target, site), runtime if target == own else mismatch
+            )
             evals[name] = (manifest.id, store.eval_table(manifest.id, "per_feature").collect())
             summary = store.eval_table(manifest.id, "summary").collect().row(0, named=True)
             rows.append({**summary, "direction": name})
         (own_name, (_, own_f)), (_, (_, other_f)) = evals.items()
-        density = log_density_correlation(own_f["count"].to_numpy(), other_f["count"].to_numpy(),
-                                          _tokens(rows[-2]), _tokens(rows[-1]))
+        density = log_density_correlation(
+            own_f["count"].to_numpy(), other_f["count"].to_numpy(), _tokens(rows[-2]), _tokens(rows[-1])
+        )
         for row in rows[-2:]:
             row["log_density_corr"] = 1.0 if row["direction"] == own_name else density
             if row.get("ce_spliced") is not None and row.get("ce_clean") is not None:
                 row["ce_delta"] = row["ce_spliced"] - row["ce_clean"]
         corr = correlate_features(store_root, config, sae_id, site, own, other)
         logit_cos = _logit_cos(store, sae_id, config)
-        features.append(pl.DataFrame({
-            "sae_id": [sae_id] * len(own_f), "feature": own_f["feature"],
-            "density_a": own_f["density"] if side == "a" else other_f["density"],
-            "density_b": other_f["density"] if side == "a" else own_f["density"],
-            "act_corr": corr.r, "logit_cos": logit_cos}))
+        features.append(
+            pl.DataFrame(
+                {
+                    "sae_id": [sae_id] * len(own_f),
+                    "feature": own_f["feature"],
+                    "density_a": own_f["density"] if side == "a" else other_f["density"],
+                    "density_b": other_f["density"] if side == "a" else own_f["density"],
+                    "act_corr": corr.r,
+                    "logit_cos": logit_cos,
+                }
+            )
+        )
     return rows, features
 
 
@@ -191,15 +218,27 @@ def _tokens(row: dict[str, Any]) -> int:
 
 
 @task(name="publish-transfer")
-def publish_transfer(tmp: str, config: TransferConfig, compared: dict[str, dict[str, Any]],
-                     sae_rows: list[dict[str, Any]], features: list[pl.DataFrame]) -> None:
+def publish_transfer(
+    tmp: str,
+    config: TransferConfig,
+    compared: dict[str, dict[str, Any]],
+    sae_rows: list[dict[str, Any]],
+    features: list[pl.DataFrame],
+) -> None:
     """Summary, per-position, histogram, SAE and feature tables, then the manifest."""
     directory = Path(tmp)
     tid = config.transfer_id()
     summary, positions, histograms = [], [], []
     for site, found in compared.items():
-        summary.append({"transfer_id": tid, "harvest_a": config.harvest_a, "harvest_b": config.harvest_b,
-                        "site": site, **found["result"]})
+        summary.append(
+            {
+                "transfer_id": tid,
+                "harvest_a": config.harvest_a,
+                "harvest_b": config.harvest_b,
+                "site": site,
+                **found["result"],
+            }
+        )
         positions.append(found["per_position"].with_columns(site=pl.lit(site)))
         for measure, hist in found["histograms"]._asdict().items():
             # values beyond the last edge are one more bin up to infinity, so counts always sum to the tokens
@@ -208,19 +247,43 @@ def publish_transfer(tmp: str, config: TransferConfig, compared: dict[str, dict[
             counts = np.append(np.asarray(hist.counts, dtype=np.int64), int(hist.overflow))
             histograms.append(pl.DataFrame({"site": site, "measure": measure, "lo": lo, "hi": hi, "count": counts}))
     write_table(directory / "summary.parquet", summary, TRANSFER_SUMMARY_SCHEMA)
-    write_table(directory / "per_position.parquet", pl.concat(positions).to_dict(as_series=False),
-                TRANSFER_PER_POSITION_SCHEMA)
+    write_table(
+        directory / "per_position.parquet", pl.concat(positions).to_dict(as_series=False), TRANSFER_PER_POSITION_SCHEMA
+    )
     write_table(directory / "histograms.parquet", pl.concat(histograms).to_dict(as_series=False), HISTOGRAM_SCHEMA)
     write_table(directory / "sae_transfer.parquet", sae_rows, SAE_TRANSFER_SCHEMA)
     feature_rows = pl.concat(features).to_dict(as_series=False) if features else {}
-    write_table(directory / "feature_transfer.parquet", feature_rows or
-                {f.name: [] for f in FEATURE_TRANSFER_SCHEMA}, FEATURE_TRANSFER_SCHEMA)
-    manifest = Manifest(kind="transfer", id=tid, config=config.model_dump(mode="json"), code_version=code_version(),
-                        created=utc_now(), counts={"sites": len(summary), "saes": len(features)},
-                        extra={"summary": summary, "sae_transfer": [
-                            {k: r.get(k) for k in ("direction", "sae_id", "harvest_id", "explained_variance",
-                                                   "ce_recovered_zero", "ce_delta", "log_density_corr")}
-                            for r in sae_rows]})
+    write_table(
+        directory / "feature_transfer.parquet",
+        feature_rows or {f.name: [] for f in FEATURE_TRANSFER_SCHEMA},
+        FEATURE_TRANSFER_SCHEMA,
+    )
+    manifest = Manifest(
+        kind="transfer",
+        id=tid,
+        config=config.model_dump(mode="json"),
+        code_version=code_version(),
+        created=utc_now(),
+        counts={"sites": len(summary), "saes": len(features)},
+        extra={
+            "summary": summary,
+            "sae_transfer": [
+                {
+                    k: r.get(k)
+                    for k in (
+                        "direction",
+                        "sae_id",
+                        "harvest_id",
+                        "explained_variance",
+                        "ce_recovered_zero",
+                        "ce_delta",
+                        "log_density_corr",
+                    )
+                }
+                for r in sae_rows
+            ],
+        },
+    )
     write_manifest(directory, manifest)
 
 
@@ -236,12 +299,13 @@ def transfer(store_root: str, config: TransferConfig, runtime: EvalRuntime | Non
     sites = check_pair(store_root, config)
     sae_rows, features = transfer_saes(store_root, config, sites, runtime)
     with staged_object(directory) as tmp:
-        compared = {site: compare_activations(store_root, config, site, str(tmp / f"per_token-{i}.parquet"),
-                                              runtime.progress) for i, site in enumerate(sites)}
+        compared = {
+            site: compare_activations(store_root, config, site, str(tmp / f"per_token-{i}.parquet"), runtime.progress)
+            for i, site in enumerate(sites)
+        }
         parts = [str(tmp / f"per_token-{i}.parquet") for i in range(len(sites))]
         pl.scan_parquet(parts).sink_parquet(tmp / PER_TOKEN_PART, compression="zstd")
         for part in parts:
             Path(part).unlink()
         publish_transfer(str(tmp), config, compared, sae_rows, features)
     return published_manifest(directory, f"transfer {config.transfer_id()}")
-

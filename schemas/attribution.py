@@ -72,40 +72,46 @@ def _list(item: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("item", item, nullable=False))
 
 
-PER_FEATURE_SCHEMA = pa.schema([
-    pa.field("feature", pa.int32(), nullable=False),
-    pa.field("count", pa.int64(), nullable=False),  # tokens on which the feature is active
-    pa.field("attribution_sum", pa.float64(), nullable=False),  # over those tokens; 0 for a dead feature
-    pa.field("attribution_mean", pa.float64()),  # null when dead
-    pa.field("attribution_abs_mean", pa.float64()),
-    pa.field("attribution_min", pa.float32()),
-    pa.field("attribution_max", pa.float32()),
-    pa.field("top_tok", _list(pa.int64()), nullable=False),  # largest |attribution| first, ties by tok
-    pa.field("top_attribution", _list(pa.float32()), nullable=False),
-])
+PER_FEATURE_SCHEMA = pa.schema(
+    [
+        pa.field("feature", pa.int32(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),  # tokens on which the feature is active
+        pa.field("attribution_sum", pa.float64(), nullable=False),  # over those tokens; 0 for a dead feature
+        pa.field("attribution_mean", pa.float64()),  # null when dead
+        pa.field("attribution_abs_mean", pa.float64()),
+        pa.field("attribution_min", pa.float32()),
+        pa.field("attribution_max", pa.float32()),
+        pa.field("top_tok", _list(pa.int64()), nullable=False),  # largest |attribution| first, ties by tok
+        pa.field("top_attribution", _list(pa.float32()), nullable=False),
+    ]
+)
 """`per_feature.parquet`: one row per feature 0..d_sae-1, dead ones included. The ablation estimate of a feature
 over the whole harvest is `-attribution_sum`."""
 
-PER_TOKEN_SCHEMA = pa.schema([
-    pa.field("tok", pa.int64(), nullable=False),
-    pa.field("loss", pa.float32()),  # next-token cross entropy; null at each window's last position
-    pa.field("l0", pa.int32(), nullable=False),  # active features
-    pa.field("feature_attribution", pa.float32(), nullable=False),  # sum of the active features' attributions
-    pa.field("bias_attribution", pa.float32(), nullable=False),  # the decoder bias' share of x_hat, dotted with g
-    pa.field("error_attribution", pa.float32(), nullable=False),  # (x - x_hat) . g: the error node
-    pa.field("total_attribution", pa.float32(), nullable=False),  # x . g = the three above
-])
+PER_TOKEN_SCHEMA = pa.schema(
+    [
+        pa.field("tok", pa.int64(), nullable=False),
+        pa.field("loss", pa.float32()),  # next-token cross entropy; null at each window's last position
+        pa.field("l0", pa.int32(), nullable=False),  # active features
+        pa.field("feature_attribution", pa.float32(), nullable=False),  # sum of the active features' attributions
+        pa.field("bias_attribution", pa.float32(), nullable=False),  # the decoder bias' share of x_hat, dotted with g
+        pa.field("error_attribution", pa.float32(), nullable=False),  # (x - x_hat) . g: the error node
+        pa.field("total_attribution", pa.float32(), nullable=False),  # x . g = the three above
+    ]
+)
 """`per_token.parquet`, sorted by tok: how much of each token's first-order effect on the metric the SAE's
 features carry and how much its error misses."""
 
-LOGIT_WEIGHTS_SCHEMA = pa.schema([
-    pa.field("feature", pa.int32(), nullable=False),
-    pa.field("positive_ids", _list(pa.int64()), nullable=False),  # largest logit weight first
-    pa.field("positive_tokens", _list(pa.string()), nullable=False),
-    pa.field("positive_logits", _list(pa.float32()), nullable=False),
-    pa.field("negative_ids", _list(pa.int64()), nullable=False),  # most negative first
-    pa.field("negative_tokens", _list(pa.string()), nullable=False),
-    pa.field("negative_logits", _list(pa.float32()), nullable=False),
-])
+LOGIT_WEIGHTS_SCHEMA = pa.schema(
+    [
+        pa.field("feature", pa.int32(), nullable=False),
+        pa.field("positive_ids", _list(pa.int64()), nullable=False),  # largest logit weight first
+        pa.field("positive_tokens", _list(pa.string()), nullable=False),
+        pa.field("positive_logits", _list(pa.float32()), nullable=False),
+        pa.field("negative_ids", _list(pa.int64()), nullable=False),  # most negative first
+        pa.field("negative_tokens", _list(pa.string()), nullable=False),
+        pa.field("negative_logits", _list(pa.float32()), nullable=False),
+    ]
+)
 """`logit_weights.parquet`: per feature, the tokens whose logits its decoder direction raises and lowers most
 directly (`transforms.logit_weights`: through the final norm's gain and the unembedding, per unit activation)."""

@@ -33,7 +33,8 @@ TARGET_VARIABLES = ("N", "D", "context", "n_latents", "l0", "k")
 def law_variables(law: str, sae_sparsity: str) -> tuple[str, ...]:
     """The variables of `law`, in the order its fit names them."""
     return {"loss_vs_params": ("N",), "loss_vs_params_tokens": ("N", "D"), "loss_vs_position": ("context",)}.get(
-        law, ("n_latents", sae_sparsity))
+        law, ("n_latents", sae_sparsity)
+    )
 
 
 class ForecastConfig(BaseModel):
@@ -94,8 +95,10 @@ class ForecastConfig(BaseModel):
         for target in targets:
             unknown = sorted(set(target) - set(TARGET_VARIABLES))
             if unknown or not target:
-                raise UserError(f"target {target} names {unknown or 'no variable'}: use {', '.join(TARGET_VARIABLES)}"
-                                ", e.g. N=1e9,D=2e10")
+                raise UserError(
+                    f"target {target} names {unknown or 'no variable'}: use {', '.join(TARGET_VARIABLES)}"
+                    ", e.g. N=1e9,D=2e10"
+                )
             bad = {name: value for name, value in target.items() if not (math.isfinite(value) and value > 0)}
             if bad:
                 raise UserError(f"target {target} has non-positive values {bad}: a power law needs sizes > 0")

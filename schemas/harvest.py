@@ -85,14 +85,18 @@ class HarvestConfig(BaseModel):
         if self.gradient_metric == "logit_diff" and self.logit_diff_tokens is None:
             raise UserError("gradient metric logit_diff needs two token ids: pass --logit-diff A B")
         if self.gradient_metric != "logit_diff" and self.logit_diff_tokens is not None:
-            raise UserError(f"logit-diff tokens {list(self.logit_diff_tokens)} are given without the logit_diff "
-                            "metric: pass --gradients logit_diff or drop --logit-diff")
+            raise UserError(
+                f"logit-diff tokens {list(self.logit_diff_tokens)} are given without the logit_diff "
+                "metric: pass --gradients logit_diff or drop --logit-diff"
+            )
         if self.logit_diff_tokens is not None and min(self.logit_diff_tokens) < 0:
             raise UserError(f"logit-diff token ids {list(self.logit_diff_tokens)} must be >= 0: pass vocabulary ids")
         clash = [s for s in self.sites if s.endswith(GRADIENT_SUFFIX)] if self.gradient_metric else []
         if clash:
-            raise UserError(f"site {clash[0]!r} ends in {GRADIENT_SUFFIX}, the suffix of gradient arrays: "
-                            "harvest that module without --gradients")
+            raise UserError(
+                f"site {clash[0]!r} ends in {GRADIENT_SUFFIX}, the suffix of gradient arrays: "
+                "harvest that module without --gradients"
+            )
         return self
 
     @model_serializer(mode="wrap")

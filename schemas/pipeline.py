@@ -196,8 +196,9 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
         else:
             raise UserError(f"pipeline config {path} is neither .yaml/.yml nor .toml: rename it")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"pipeline config {path} is not valid {path.suffix[1:].upper()}: "
-                        f"{' '.join(str(err).split())}") from None
+        raise UserError(
+            f"pipeline config {path} is not valid {path.suffix[1:].upper()}: {' '.join(str(err).split())}"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"pipeline config {path} must be a mapping of sections (model, corpus, harvest, ...)")
     for key, value in (overrides or {}).items():
@@ -256,4 +257,3 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     if not isinstance(inner, dict):
         raise UserError(f"cannot override {key}: {head} is not a section")
     return {**data, head: _set_dotted(inner, rest, value)}
-

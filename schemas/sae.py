@@ -71,26 +71,34 @@ class SAEConfig(BaseModel):
     def _consistent(self) -> "SAEConfig":
         if self.architecture == "topk":
             if not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
-                raise UserError(f"topk SAE needs an integer k in [1, d_sae={self.d_sae}], got k={self.k!r}: "
-                                "set k in cfg.json")
+                raise UserError(
+                    f"topk SAE needs an integer k in [1, d_sae={self.d_sae}], got k={self.k!r}: set k in cfg.json"
+                )
         elif self.architecture == "batchtopk":
             if self.k is not None and not 0 < self.k <= self.d_sae:
-                raise UserError(f"batchtopk SAE has k={self.k!r} outside (0, d_sae={self.d_sae}]: "
-                                "fix k in cfg.json")
+                raise UserError(f"batchtopk SAE has k={self.k!r} outside (0, d_sae={self.d_sae}]: fix k in cfg.json")
         elif self.k is not None:
-            raise UserError(f"k={self.k!r} is set for a {self.architecture} SAE: only topk and batchtopk use "
-                            "k; remove it or fix the architecture")
+            raise UserError(
+                f"k={self.k!r} is set for a {self.architecture} SAE: only topk and batchtopk use "
+                "k; remove it or fix the architecture"
+            )
         if self.rescale_acts_by_decoder_norm and self.architecture != "topk":
-            raise UserError(f"rescale_acts_by_decoder_norm is set for a {self.architecture} SAE: only topk "
-                            "supports it; fold the decoder norms into W_enc/b_enc/W_dec instead")
+            raise UserError(
+                f"rescale_acts_by_decoder_norm is set for a {self.architecture} SAE: only topk "
+                "supports it; fold the decoder norms into W_enc/b_enc/W_dec instead"
+            )
         scaled = self.normalize_activations == "expected_average_only_in"
         if scaled and self.scaling_factor is None:
-            raise UserError("normalize_activations=expected_average_only_in needs its scaling factor: write "
-                            f'{{"scaling_factor": F}} to {SAELENS_SCALER} next to the weights, or fold it in')
+            raise UserError(
+                "normalize_activations=expected_average_only_in needs its scaling factor: write "
+                f'{{"scaling_factor": F}} to {SAELENS_SCALER} next to the weights, or fold it in'
+            )
         if not scaled and self.scaling_factor is not None:
-            raise UserError(f"scaling_factor is given but normalize_activations="
-                            f"{self.normalize_activations}: set normalize_activations="
-                            "expected_average_only_in or drop the factor")
+            raise UserError(
+                f"scaling_factor is given but normalize_activations="
+                f"{self.normalize_activations}: set normalize_activations="
+                "expected_average_only_in or drop the factor"
+            )
         return self
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -82,10 +82,13 @@ class SyntheticConfig(BaseModel):
         for name in ("n_tokens", "chunk_tokens"):
             value = getattr(self, name)
             if value % self.ctx_len:
-                whole = [w for w in (value // self.ctx_len * self.ctx_len, -(-value // self.ctx_len) * self.ctx_len)
-                         if w > 0]
-                raise UserError(f"synthetic {name} {value} is not a whole number of windows of ctx_len "
-                                f"{self.ctx_len}: pass {_FLAGS[name]} {' or '.join(map(str, whole))}")
+                whole = [
+                    w for w in (value // self.ctx_len * self.ctx_len, -(-value // self.ctx_len) * self.ctx_len) if w > 0
+                ]
+                raise UserError(
+                    f"synthetic {name} {value} is not a whole number of windows of ctx_len "
+                    f"{self.ctx_len}: pass {_FLAGS[name]} {' or '.join(map(str, whole))}"
+                )
         return self
 
     @property
@@ -100,8 +103,12 @@ class SyntheticConfig(BaseModel):
 
     def corpus_identity(self) -> dict[str, Any]:
         """What the corpus id hashes: only the layout, so every synthetic set of one shape shares its tokens."""
-        return {"source": "synthetic", "n_tokens": self.n_tokens, "ctx_len": self.ctx_len,
-                "holdout_fraction": self.holdout_fraction}
+        return {
+            "source": "synthetic",
+            "n_tokens": self.n_tokens,
+            "ctx_len": self.ctx_len,
+            "holdout_fraction": self.holdout_fraction,
+        }
 
     def corpus_id(self) -> str:
         return make_id("corpus", f"synthetic-c{self.ctx_len}", self.corpus_identity())
@@ -112,8 +119,12 @@ class SyntheticConfig(BaseModel):
         fields = self.model_dump(mode="json")
         if self.kind != "gaussian_mixture":
             fields = {k: v for k, v in fields.items() if k not in _MIXTURE_ONLY}
-        return {"synthetic": fields, "model": {"name": self.model_name}, "corpus_id": self.corpus_id(),
-                "sites": [SYNTHETIC_SITE]}
+        return {
+            "synthetic": fields,
+            "model": {"name": self.model_name},
+            "corpus_id": self.corpus_id(),
+            "sites": [SYNTHETIC_SITE],
+        }
 
     def harvest_id(self) -> str:
         """`harvest-synthetic-gmm-d64-<hash>`."""

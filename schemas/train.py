@@ -104,22 +104,30 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         if (self.d_sae is None) == (self.expansion_factor is None):
-            raise UserError("give exactly one of d_sae and expansion_factor (got "
-                            f"d_sae={self.d_sae}, expansion_factor={self.expansion_factor})")
+            raise UserError(
+                "give exactly one of d_sae and expansion_factor (got "
+                f"d_sae={self.d_sae}, expansion_factor={self.expansion_factor})"
+            )
         arch, k = self.architecture, self.k
         if arch == "topk" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise UserError(f"topk training needs an integer k >= 1 (latents per token), got k={k!r}: set k")
         if arch == "batchtopk" and (k is None or k <= 0 or int(k * self.batch_size) < 1):
-            raise UserError(f"batchtopk training needs k > 0 with k * batch_size >= 1, got k={k!r} and "
-                            f"batch_size={self.batch_size}: set k (mean latents per token)")
+            raise UserError(
+                f"batchtopk training needs k > 0 with k * batch_size >= 1, got k={k!r} and "
+                f"batch_size={self.batch_size}: set k (mean latents per token)"
+            )
         if arch in ("jumprelu", "standard") and k is not None:
             raise UserError(f"k={k!r} is set for {arch} training: only topk and batchtopk use k; remove it")
         if self.total_tokens < self.batch_size:
-            raise UserError(f"total_tokens={self.total_tokens} is less than one batch of {self.batch_size}: "
-                            "raise total_tokens or lower batch_size")
+            raise UserError(
+                f"total_tokens={self.total_tokens} is less than one batch of {self.batch_size}: "
+                "raise total_tokens or lower batch_size"
+            )
         if self.autocast and not self.device.startswith("cuda"):
-            raise UserError(f"autocast=True runs bfloat16 matmuls on cuda, but device={self.device!r}: "
-                            "drop autocast or train on cuda")
+            raise UserError(
+                f"autocast=True runs bfloat16 matmuls on cuda, but device={self.device!r}: "
+                "drop autocast or train on cuda"
+            )
         return self
 
     @property

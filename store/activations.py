@@ -77,8 +77,9 @@ def to_storable(values: torch.Tensor | np.ndarray, logical_dtype: str) -> np.nda
 class HarvestArrays:
     """The writable arrays of one (possibly incomplete) harvest, with per-chunk done markers."""
 
-    def __init__(self, harvest_dir: Path, specs: list[ArraySpec], n_tokens: int, chunk_tokens: int,
-                 create: bool = True) -> None:
+    def __init__(
+        self, harvest_dir: Path, specs: list[ArraySpec], n_tokens: int, chunk_tokens: int, create: bool = True
+    ) -> None:
         """`create=False` opens arrays another process created (shard writers must not race to create them)."""
         self.dir = harvest_dir
         self.create = create
@@ -105,11 +106,18 @@ class HarvestArrays:
                 )
             return arr
         if not self.create:
-            raise UserError(f"{path} does not exist: the harvest's arrays are created before its shards run; "
-                            "re-run the pipeline to resume")
+            raise UserError(
+                f"{path} does not exist: the harvest's arrays are created before its shards run; "
+                "re-run the pipeline to resume"
+            )
         chunks = (self.chunk_tokens,) if spec.squeeze else (self.chunk_tokens, spec.attrs.d)
         return zarr.create_array(
-            store=path, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=0,
+            store=path,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            compressors=None,
+            fill_value=0,
             attributes=attrs,
         )
 

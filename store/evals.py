@@ -18,8 +18,7 @@ from actstore.store.objects import TMP_MARK, fsync_path
 TABLE_COMPRESSION = "zstd"
 
 
-def write_table(path: Path, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
-                schema: pa.Schema) -> None:
+def write_table(path: Path, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], schema: pa.Schema) -> None:
     """One Parquet file from row dicts or columns, cast to `schema` (missing nullable columns become null)."""
     if isinstance(rows, Mapping):
         columns = dict(rows)
@@ -41,8 +40,10 @@ class TableAppender:
 
     def append(self, columns: Mapping[str, Any]) -> None:
         length = len(next(iter(columns.values())))
-        arrays = [pa.array(columns[f.name], type=f.type) if f.name in columns else pa.nulls(length, f.type)
-                  for f in self.schema]
+        arrays = [
+            pa.array(columns[f.name], type=f.type) if f.name in columns else pa.nulls(length, f.type)
+            for f in self.schema
+        ]
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
         self.rows += length
 
@@ -53,8 +54,9 @@ class TableAppender:
     def __enter__(self) -> "TableAppender":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -63,8 +65,11 @@ def scan_results(base: Path, table: str, schema: pa.Schema) -> pl.LazyFrame:
 
     Only directories with a manifest are read, so a half-written result never shows; with none, an empty
     frame of the table's schema is returned so queries still compose."""
-    files = sorted(str(p / table) for p in base.glob("*")
-                   if TMP_MARK not in p.name and (p / MANIFEST_NAME).is_file() and (p / table).is_file())
+    files = sorted(
+        str(p / table)
+        for p in base.glob("*")
+        if TMP_MARK not in p.name and (p / MANIFEST_NAME).is_file() and (p / table).is_file()
+    )
     if not files:
         return pl.LazyFrame(pl.from_arrow(schema.empty_table()))
     return pl.scan_parquet(files)

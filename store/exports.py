@@ -90,8 +90,14 @@ FEATURE_BATCH_ROWS = 1 << 17
 
 _ARRAY_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}
 """Exported dtype of activations in formats without bfloat16."""
-_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-                       "int8": "I8"}
+_SAFETENSORS_DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int8": "I8",
+}
 _SPLIT_NAMES = np.array(SPLITS, dtype=object)
 
 
@@ -155,16 +161,24 @@ def export_activations(
     width = array.shape[1] if len(array.shape) == 2 else None
     act_dtype = attrs.logical_dtype if format == "safetensors" else _ARRAY_DTYPES[attrs.logical_dtype]
     columns = [Column("tok", "int64"), Column("act", act_dtype, width), *_token_column_specs(token_columns, format)]
-    source = {"kind": "activations", "harvest_id": harvest_id, "site": site, "corpus_id": attrs.corpus_id,
-              "n_tokens": attrs.n_tokens, "d": attrs.d, "logical_dtype": attrs.logical_dtype}
+    source = {
+        "kind": "activations",
+        "harvest_id": harvest_id,
+        "site": site,
+        "corpus_id": attrs.corpus_id,
+        "n_tokens": attrs.n_tokens,
+        "d": attrs.d,
+        "logical_dtype": attrs.logical_dtype,
+    }
     subset = {"rows": [start, stop], "split": split, **_where_json(where)}
 
     def pieces(with_values: bool) -> Iterator[Piece]:
         return _activation_pieces(array, start, stop, tokens, act_dtype, with_values)
 
     count = (lambda: stop - start) if tokens is None or predicate is None else lambda: _count(pieces(False))
-    return _export(Path(out), format, f"{site}-{format}", source, subset, columns, attrs.logical_dtype,
-                   pieces, count, shard_rows)
+    return _export(
+        Path(out), format, f"{site}-{format}", source, subset, columns, attrs.logical_dtype, pieces, count, shard_rows
+    )
 
 
 def export_features(
@@ -194,8 +208,10 @@ def export_features(
         raise UserError(f"order {order!r} is not a feature table copy: use 'feature' or 'token'")
     parts = sorted((table_dir / (BY_FEATURE_DIR if order == "feature" else BY_TOKEN_DIR)).glob("part-*.parquet"))
     if not parts:
-        raise UserError(f"no feature table at {table_dir}: expected {BY_FEATURE_DIR}/ and {BY_TOKEN_DIR}/ part "
-                        "files; run the encode first or pass the table's directory")
+        raise UserError(
+            f"no feature table at {table_dir}: expected {BY_FEATURE_DIR}/ and {BY_TOKEN_DIR}/ part "
+            "files; run the encode first or pass the table's directory"
+        )
     value_dtype = _feature_value_dtype(parts[0])
     start, stop = _check_rows(rows, None, str(table_dir)) if rows is not None else (0, None)
     _check_token_options(split, token_columns)
@@ -203,30 +219,47 @@ def export_features(
     tokens = None
     if predicate is not None or token_columns:
         if order != "token":
-            raise UserError("token filters and token columns of a feature table need order='token' (the token-sorted "
-                            "copy): pass order='token' or drop split/where/token_columns")
+            raise UserError(
+                "token filters and token columns of a feature table need order='token' (the token-sorted "
+                "copy): pass order='token' or drop split/where/token_columns"
+            )
         if token_table is None:
-            raise UserError("split/where/token_columns need the token table: pass token_table=<store>/corpora/"
-                            "<corpus_id> (the corpus the features were encoded from)")
+            raise UserError(
+                "split/where/token_columns need the token table: pass token_table=<store>/corpora/"
+                "<corpus_id> (the corpus the features were encoded from)"
+            )
         tokens = _TokenRows(Path(token_table), predicate, token_columns)
     wanted = None if features is None else np.unique(np.asarray(list(features), dtype=np.int64))
     if wanted is not None and (len(wanted) == 0 or wanted[0] < 0 or wanted[-1] > np.iinfo(np.int32).max):
         raise UserError(f"features {list(features or [])[:8]} must be a non-empty set of latent indices >= 0")
-    columns = [Column("feature", "int32"), Column("tok", "int64"), Column("value", value_dtype),
-               *_token_column_specs(token_columns, format)]
-    source = {"kind": "features", "table": f"{table_dir.parent.name}/{table_dir.name}", "order": order,
-              "value_dtype": value_dtype,
-              "parts": content_hash([[p.name, p.stat().st_size] for p in parts], chars=16)}
-    subset = {"rows": None if rows is None else [start, stop], "split": split,
-              "features": None if wanted is None else wanted.tolist(), **_where_json(where)}
+    columns = [
+        Column("feature", "int32"),
+        Column("tok", "int64"),
+        Column("value", value_dtype),
+        *_token_column_specs(token_columns, format),
+    ]
+    source = {
+        "kind": "features",
+        "table": f"{table_dir.parent.name}/{table_dir.name}",
+        "order": order,
+        "value_dtype": value_dtype,
+        "parts": content_hash([[p.name, p.stat().st_size] for p in parts], chars=16),
+    }
+    subset = {
+        "rows": None if rows is None else [start, stop],
+        "split": split,
+        "features": None if wanted is None else wanted.tolist(),
+        **_where_json(where),
+    }
     selective = wanted is not None or rows is not None or predicate is not None
 
     def pieces(with_values: bool) -> Iterator[Piece]:
         return _feature_pieces(parts, wanted, (start, stop), tokens, with_values)
 
     count = (lambda: _count(pieces(False))) if selective else lambda: sum(pq.read_metadata(p).num_rows for p in parts)
-    return _export(Path(out), format, f"features-{format}", source, subset, columns, value_dtype, pieces, count,
-                   shard_rows)
+    return _export(
+        Path(out), format, f"features-{format}", source, subset, columns, value_dtype, pieces, count, shard_rows
+    )
 
 
 def verify_export(out: str | Path, checksums: bool = True) -> Manifest:
@@ -237,8 +270,10 @@ def verify_export(out: str | Path, checksums: bool = True) -> Manifest:
     if manifest is None or manifest.kind != "export":
         raise UserError(f"{out} is not a finished export (no export manifest.json): run the export to make it")
     fmt = manifest.extra["format"]
-    columns = [Column(spec["name"], spec["dtype"], spec["shape"][0] if spec["shape"] else None)
-               for spec in manifest.extra["columns"]]
+    columns = [
+        Column(spec["name"], spec["dtype"], spec["shape"][0] if spec["shape"] else None)
+        for spec in manifest.extra["columns"]
+    ]
     for shard in manifest.extra["shards"]:
         _check_shard(out, fmt, columns, [f["path"] for f in shard["files"]], shard["rows"])
         for entry in shard["files"]:
@@ -250,8 +285,9 @@ def verify_export(out: str | Path, checksums: bool = True) -> Manifest:
                 problem = "does not match the sha256 in its manifest"
             else:
                 continue
-            raise UserError(f"export file {path} {problem}: the export was altered; delete the directory and re-run "
-                            "the export")
+            raise UserError(
+                f"export file {path} {problem}: the export was altered; delete the directory and re-run the export"
+            )
     if fmt == "datasets":
         _check_loadable_dataset(out, columns, manifest.counts["rows"])
     return manifest
@@ -290,16 +326,19 @@ def token_predicate(split: str | None, where: pl.Expr | str | None) -> pl.Expr |
         try:
             where = pl.sql_expr(where)
         except pl.exceptions.PolarsError as error:
-            raise UserError(f"where {where!r} is not an SQL expression polars can parse: "
-                            f"{_first_line(error)}") from None
+            raise UserError(
+                f"where {where!r} is not an SQL expression polars can parse: {_first_line(error)}"
+            ) from None
     parts = [e for e in (None if split is None else pl.col("split") == split, where) if e is not None]
     if not parts:
         return None
     predicate = parts[0] if len(parts) == 1 else parts[0] & parts[1]
     unknown = set(predicate.meta.root_names()) - set(TOKEN_SCHEMA.names)
     if unknown:
-        raise UserError(f"where {where} names columns {sorted(unknown)} that the token table lacks: use "
-                        f"{', '.join(TOKEN_SCHEMA.names)}")
+        raise UserError(
+            f"where {where} names columns {sorted(unknown)} that the token table lacks: use "
+            f"{', '.join(TOKEN_SCHEMA.names)}"
+        )
     return predicate
 
 
@@ -309,8 +348,10 @@ def _where_json(where: pl.Expr | str | None) -> dict[str, Any]:
     if where is None:
         return {"where": None, "where_hash": None}
     expr = pl.sql_expr(where) if isinstance(where, str) else where
-    return {"where": where if isinstance(where, str) else str(where),
-            "where_hash": hashlib.sha256(expr.meta.serialize(format="json").encode()).hexdigest()[:16]}
+    return {
+        "where": where if isinstance(where, str) else str(where),
+        "where_hash": hashlib.sha256(expr.meta.serialize(format="json").encode()).hexdigest()[:16],
+    }
 
 
 def _token_column_specs(names: Sequence[str], fmt: str) -> list[Column]:
@@ -323,10 +364,15 @@ def _token_column_specs(names: Sequence[str], fmt: str) -> list[Column]:
 def _feature_value_dtype(part: Path) -> str:
     schema = pq.read_schema(part)
     found = {name: str(schema.field(name).type) for name in schema.names}
-    if found.get("feature") != "int32" or found.get("tok") != "int64" or found.get("value") not in ("halffloat",
-                                                                                                   "float"):
-        raise UserError(f"{part} is not a feature table part (feature int32, tok int64, value float16|float32); "
-                        f"it has {found}: pass a feature table directory")
+    if (
+        found.get("feature") != "int32"
+        or found.get("tok") != "int64"
+        or found.get("value") not in ("halffloat", "float")
+    ):
+        raise UserError(
+            f"{part} is not a feature table part (feature int32, tok int64, value float16|float32); "
+            f"it has {found}: pass a feature table directory"
+        )
     return "float16" if found["value"] == "halffloat" else "float32"
 
 
@@ -376,8 +422,10 @@ class _TokenRows:
     def rows(self, start: int, stop: int) -> pl.DataFrame:
         """Token rows `start <= tok < stop`, in `tok` order."""
         if stop > self.starts[-1]:
-            raise UserError(f"token table {self.dir} has {self.starts[-1]} tokens but rows up to tok {stop} are "
-                            "exported: pass the token table of the corpus these activations came from")
+            raise UserError(
+                f"token table {self.dir} has {self.starts[-1]} tokens but rows up to tok {stop} are "
+                "exported: pass the token table of the corpus these activations came from"
+            )
         first = bisect_right(self.starts, start) - 1
         frames = []
         for g in range(first, len(self.groups)):
@@ -401,8 +449,10 @@ class _TokenRows:
             except pl.exceptions.PolarsError as error:
                 raise UserError(f"filter {self.predicate} fails on the token table: {_first_line(error)}") from None
             if verdict.dtype != pl.Boolean or verdict.len() != frame.height:
-                raise UserError(f"filter {self.predicate} must give one true/false per token row (a row-wise "
-                                f"boolean expression), it gave {verdict.len()} values of {verdict.dtype}")
+                raise UserError(
+                    f"filter {self.predicate} must give one true/false per token row (a row-wise "
+                    f"boolean expression), it gave {verdict.len()} values of {verdict.dtype}"
+                )
             keep = verdict.to_numpy()
         columns: Piece = {}
         if with_columns:
@@ -414,8 +464,9 @@ class _TokenRows:
         return keep, columns
 
 
-def _activation_pieces(array: ActivationArray, start: int, stop: int, tokens: _TokenRows | None, act_dtype: str,
-                       with_values: bool) -> Iterator[Piece]:
+def _activation_pieces(
+    array: ActivationArray, start: int, stop: int, tokens: _TokenRows | None, act_dtype: str, with_values: bool
+) -> Iterator[Piece]:
     """Kept rows of [start, stop), one Zarr chunk at a time; chunks the filter empties are not read."""
     chunk = array.chunk_tokens
     widen = array.dtype == "bfloat16" and act_dtype == "float32"
@@ -431,8 +482,13 @@ def _activation_pieces(array: ActivationArray, start: int, stop: int, tokens: _T
         yield piece if keep is None else {name: values[keep] for name, values in piece.items()}
 
 
-def _feature_pieces(parts: list[Path], wanted: np.ndarray | None, rows: tuple[int, int | None],
-                    tokens: _TokenRows | None, with_values: bool) -> Iterator[Piece]:
+def _feature_pieces(
+    parts: list[Path],
+    wanted: np.ndarray | None,
+    rows: tuple[int, int | None],
+    tokens: _TokenRows | None,
+    with_values: bool,
+) -> Iterator[Piece]:
     """Kept triples, one Parquet batch at a time; row groups whose statistics rule them out are not read."""
     read = ["feature", "tok", "value"] if with_values else ["feature", "tok"]
     for part in parts:
@@ -461,8 +517,10 @@ def _feature_pieces(parts: list[Path], wanted: np.ndarray | None, rows: tuple[in
 
 def _row_group_may_match(group: pq.RowGroupMetaData, wanted: np.ndarray | None, rows: tuple[int, int | None]) -> bool:
     names = {group.column(i).path_in_schema: i for i in range(group.num_columns)}
-    for name, low, high in (("feature", None if wanted is None else wanted[0], None if wanted is None else wanted[-1]),
-                            ("tok", rows[0], None if rows[1] is None else rows[1] - 1)):
+    for name, low, high in (
+        ("feature", None if wanted is None else wanted[0], None if wanted is None else wanted[-1]),
+        ("tok", rows[0], None if rows[1] is None else rows[1] - 1),
+    ):
         stats = group.column(names[name]).statistics
         if low is None or stats is None or not stats.has_min_max:
             continue
@@ -496,8 +554,10 @@ def _arrow_schema(columns: list[Column], metadata: dict[str, str]) -> pa.Schema:
         scalar = pa.string() if column.dtype == "string" else pa.from_numpy_dtype(np.dtype(column.dtype))
         return scalar if column.width is None else pa.list_(scalar, column.width)
 
-    return pa.schema([pa.field(c.name, arrow_type(c), nullable=False) for c in columns],
-                     metadata={"actstore": json.dumps(metadata, sort_keys=True)})
+    return pa.schema(
+        [pa.field(c.name, arrow_type(c), nullable=False) for c in columns],
+        metadata={"actstore": json.dumps(metadata, sort_keys=True)},
+    )
 
 
 def _arrow_table(block: Piece, schema: pa.Schema) -> pa.Table:
@@ -526,8 +586,13 @@ class _ParquetWriter:
 
     def open_shard(self, index: int, rows: int | None) -> None:
         self.name = f"part-{index:05d}.parquet"
-        self.writer = pq.ParquetWriter(self.dir / self.name, self.schema, compression=self.compression,
-                                       use_dictionary=["split"], write_statistics=self.statistics)
+        self.writer = pq.ParquetWriter(
+            self.dir / self.name,
+            self.schema,
+            compression=self.compression,
+            use_dictionary=["split"],
+            write_statistics=self.statistics,
+        )
 
     def write(self, block: Piece, offset: int) -> None:
         assert self.writer is not None
@@ -593,9 +658,15 @@ class _NpyWriter:
 
     def open_shard(self, index: int, rows: int | None) -> None:
         assert rows is not None
-        self.maps = {c.name: np.lib.format.open_memmap(
-            self.dir / f"{c.name}-{index:05d}.npy", mode="w+", dtype=c.dtype,
-            shape=(rows,) if c.width is None else (rows, c.width)) for c in self.columns}
+        self.maps = {
+            c.name: np.lib.format.open_memmap(
+                self.dir / f"{c.name}-{index:05d}.npy",
+                mode="w+",
+                dtype=c.dtype,
+                shape=(rows,) if c.width is None else (rows, c.width),
+            )
+            for c in self.columns
+        }
 
     def write(self, block: Piece, offset: int) -> None:
         for name, target in self.maps.items():
@@ -667,7 +738,10 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 _WRITERS: dict[str, Callable[[Path, list[Column], dict[str, str]], _Writer]] = {
-    "parquet": _ParquetWriter, "datasets": _DatasetsWriter, "npy": _NpyWriter, "safetensors": _SafetensorsWriter,
+    "parquet": _ParquetWriter,
+    "datasets": _DatasetsWriter,
+    "npy": _NpyWriter,
+    "safetensors": _SafetensorsWriter,
 }
 
 
@@ -692,8 +766,10 @@ class _ShardCutter:
             if not self.open:
                 rows = None if self.total is None else min(self.shard_rows, self.total - self.done_rows)
                 if rows is not None and rows <= 0:
-                    raise UserError("the export source gave more rows than its count: the store changed while "
-                                    "exporting; re-run the export")
+                    raise UserError(
+                        "the export source gave more rows than its count: the store changed while "
+                        "exporting; re-run the export"
+                    )
                 self.writer.open_shard(len(self.shards), rows)
                 self.open = True
             target = self.shard_rows - self.in_shard
@@ -708,8 +784,11 @@ class _ShardCutter:
 
     def _flush(self) -> None:
         if self.buffered:
-            block = self.buffer[0] if len(self.buffer) == 1 else {
-                name: np.concatenate([p[name] for p in self.buffer]) for name in self.buffer[0]}
+            block = (
+                self.buffer[0]
+                if len(self.buffer) == 1
+                else {name: np.concatenate([p[name] for p in self.buffer]) for name in self.buffer[0]}
+            )
             self.writer.write(block, self.in_shard)
             self.in_shard += self.buffered
             self.buffer, self.buffered = [], 0
@@ -727,24 +806,40 @@ class _ShardCutter:
         if self.open:
             self._close_shard()
         if self.total is not None and self.done_rows != self.total:
-            raise UserError(f"the export source gave {self.done_rows} rows, {self.total} were counted: the store "
-                            "changed while exporting; re-run the export")
+            raise UserError(
+                f"the export source gave {self.done_rows} rows, {self.total} were counted: the store "
+                "changed while exporting; re-run the export"
+            )
         return self.shards
 
 
 # --- the export --------------------------------------------------------------------------------------------------
 
 
-def _export(out: Path, fmt: str, readable: str, source: dict[str, Any], subset: dict[str, Any],
-            columns: list[Column], logical_dtype: str, pieces: Callable[[bool], Iterator[Piece]],
-            count: Callable[[], int], shard_rows: int | None) -> ExportResult:
+def _export(
+    out: Path,
+    fmt: str,
+    readable: str,
+    source: dict[str, Any],
+    subset: dict[str, Any],
+    columns: list[Column],
+    logical_dtype: str,
+    pieces: Callable[[bool], Iterator[Piece]],
+    count: Callable[[], int],
+    shard_rows: int | None,
+) -> ExportResult:
     """Write, verify, checksum and publish one export; a directory already holding it is returned untouched."""
     if shard_rows is not None and shard_rows < 1:
         raise UserError(f"shard_rows={shard_rows} must be a positive number of rows per shard")
     row_bytes = sum(c.row_bytes() for c in columns)
     shard_rows = shard_rows or max(1, DEFAULT_SHARD_BYTES // row_bytes)
-    config = {"format": fmt, "source": source, "subset": subset, "columns": [c.name for c in columns],
-              "shard_rows": shard_rows}
+    config = {
+        "format": fmt,
+        "source": source,
+        "subset": subset,
+        "columns": [c.name for c in columns],
+        "shard_rows": shard_rows,
+    }
     export_id = make_id("export", slug(readable), config)
     existing = _existing(out, export_id)
     if existing is not None:
@@ -769,23 +864,40 @@ def _export(out: Path, fmt: str, readable: str, source: dict[str, Any], subset: 
             entries = []
             for shard in shards:
                 _check_shard(staged, fmt, columns, shard.files, shard.stop - shard.start)
-                files = [{"path": f, "bytes": (staged / f).stat().st_size, "sha256": _sha256(staged / f)}
-                         for f in shard.files]
-                entries.append({"start": shard.start, "stop": shard.stop, "rows": shard.stop - shard.start,
-                                "files": files})
+                files = [
+                    {"path": f, "bytes": (staged / f).stat().st_size, "sha256": _sha256(staged / f)}
+                    for f in shard.files
+                ]
+                entries.append(
+                    {"start": shard.start, "stop": shard.stop, "rows": shard.stop - shard.start, "files": files}
+                )
             rows = shards[-1].stop
             if fmt == "datasets":
                 _check_loadable_dataset(staged, columns, rows)
             seconds = time.perf_counter() - began
             manifest = Manifest(
-                kind="export", id=export_id, config=config, code_version=code_version(), created=utc_now(),
-                counts={"rows": rows, "shards": len(entries), "bytes": sum(f["bytes"] for e in entries
-                                                                           for f in e["files"])},
+                kind="export",
+                id=export_id,
+                config=config,
+                code_version=code_version(),
+                created=utc_now(),
+                counts={
+                    "rows": rows,
+                    "shards": len(entries),
+                    "bytes": sum(f["bytes"] for e in entries for f in e["files"]),
+                },
                 timings={"export_s": round(seconds, 3), "rows_per_s": round(rows / max(seconds, 1e-9), 1)},
-                extra={"format": fmt, "logical_dtype": logical_dtype,
-                       "columns": [c.as_json() for c in columns], "shards": entries,
-                       **({"split_codes": list(SPLITS)} if any(c.name == "split" and c.dtype == "int8"
-                                                               for c in columns) else {})},
+                extra={
+                    "format": fmt,
+                    "logical_dtype": logical_dtype,
+                    "columns": [c.as_json() for c in columns],
+                    "shards": entries,
+                    **(
+                        {"split_codes": list(SPLITS)}
+                        if any(c.name == "split" and c.dtype == "int8" for c in columns)
+                        else {}
+                    ),
+                },
             )
             write_manifest(staged, manifest)
     except OSError as error:
@@ -802,12 +914,13 @@ def _existing(out: Path, export_id: str) -> Manifest | None:
     manifest = read_manifest(out)
     if manifest is None:
         if any(out.iterdir()):
-            raise UserError(f"export directory {out} exists and is not an export: choose a new directory or "
-                            "delete it")
+            raise UserError(f"export directory {out} exists and is not an export: choose a new directory or delete it")
         return None
     if manifest.kind != "export" or manifest.id != export_id:
-        raise UserError(f"export directory {out} already holds {manifest.kind} {manifest.id}, made with other "
-                        "settings: choose another directory or delete it")
+        raise UserError(
+            f"export directory {out} already holds {manifest.kind} {manifest.id}, made with other "
+            "settings: choose another directory or delete it"
+        )
     return verify_export(out, checksums=False)
 
 
@@ -837,8 +950,12 @@ def _arrow_columns(schema: pa.Schema) -> dict[str, Column]:
     def dtype(t: pa.DataType) -> str:
         return "string" if pa.types.is_string(t) or pa.types.is_large_string(t) else np.dtype(t.to_pandas_dtype()).name
 
-    return {f.name: Column(f.name, dtype(f.type.value_type), f.type.list_size) if pa.types.is_fixed_size_list(f.type)
-            else Column(f.name, dtype(f.type)) for f in schema}
+    return {
+        f.name: Column(f.name, dtype(f.type.value_type), f.type.list_size)
+        if pa.types.is_fixed_size_list(f.type)
+        else Column(f.name, dtype(f.type))
+        for f in schema
+    }
 
 
 def _shard_contents(directory: Path, fmt: str, files: list[str]) -> tuple[dict[str, Column], set[int]]:
@@ -866,8 +983,9 @@ def _shard_contents(directory: Path, fmt: str, files: list[str]) -> tuple[dict[s
         for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
             tensor = f.get_slice(key)
             shape = tensor.get_shape()
-            found[key] = Column(key, names.get(tensor.get_dtype(), tensor.get_dtype()),
-                                shape[1] if len(shape) == 2 else None)
+            found[key] = Column(
+                key, names.get(tensor.get_dtype(), tensor.get_dtype()), shape[1] if len(shape) == 2 else None
+            )
             rows.add(shape[0])
     return found, rows
 
@@ -879,12 +997,16 @@ def _check_shard(directory: Path, fmt: str, columns: list[Column], files: list[s
     try:
         found, counts = _shard_contents(directory, fmt, files)
     except (OSError, ValueError, pa.ArrowException) as error:
-        raise UserError(f"export shard {directory / files[0]} cannot be read back ({_first_line(error)}): delete "
-                        "the export directory and re-run") from None
+        raise UserError(
+            f"export shard {directory / files[0]} cannot be read back ({_first_line(error)}): delete "
+            "the export directory and re-run"
+        ) from None
     expected = {c.name: c for c in columns}
     if found != expected or counts != {rows}:
-        raise UserError(f"export shard {directory / files[0]} holds {sorted(counts)} rows of {list(found.values())}, "
-                        f"expected {rows} rows of {columns}: delete the export directory and re-run")
+        raise UserError(
+            f"export shard {directory / files[0]} holds {sorted(counts)} rows of {list(found.values())}, "
+            f"expected {rows} rows of {columns}: delete the export directory and re-run"
+        )
 
 
 def _check_loadable_dataset(directory: Path, columns: list[Column], rows: int) -> None:
@@ -893,11 +1015,17 @@ def _check_loadable_dataset(directory: Path, columns: list[Column], rows: int) -
     try:
         dataset = datasets.load_from_disk(str(directory))
     except (OSError, ValueError) as error:
-        raise UserError(f"{directory} does not load with datasets.load_from_disk ({_first_line(error)}): delete "
-                        "it and re-run the export") from None
+        raise UserError(
+            f"{directory} does not load with datasets.load_from_disk ({_first_line(error)}): delete "
+            "it and re-run the export"
+        ) from None
     names = [c.name for c in columns]
     if not isinstance(dataset, datasets.Dataset) or dataset.num_rows != rows or list(dataset.features) != names:
-        found = f"{dataset.num_rows} rows of {list(dataset.features)}" if isinstance(dataset, datasets.Dataset) \
+        found = (
+            f"{dataset.num_rows} rows of {list(dataset.features)}"
+            if isinstance(dataset, datasets.Dataset)
             else type(dataset).__name__
-        raise UserError(f"{directory} loads as {found}, expected {rows} rows of {names}: delete it and re-run "
-                        "the export")
+        )
+        raise UserError(
+            f"{directory} loads as {found}, expected {rows} rows of {names}: delete it and re-run the export"
+        )

@@ -72,21 +72,31 @@ def remote_errors(url: str, action: str, local: Path | None = None) -> Iterator[
     except UserError:
         raise
     except OSError as exc:
-        if local is not None and (exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
-                                  or str(exc.filename or "").startswith(str(local.parent))):
+        if local is not None and (
+            exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+            or str(exc.filename or "").startswith(str(local.parent))
+        ):
             raise explain_os_error(exc, local) from exc
         if isinstance(exc, PermissionError) or _is_auth_error(exc):
-            raise UserError(f"cannot {action} {url}: permission denied ({_one_line(exc)}); check credentials (e.g. "
-                            "AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS) and the bucket's access rights") from exc
+            raise UserError(
+                f"cannot {action} {url}: permission denied ({_one_line(exc)}); check credentials (e.g. "
+                "AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS) and the bucket's access rights"
+            ) from exc
         if isinstance(exc, FileNotFoundError):
-            raise UserError(f"cannot {action} {url}: not found ({_one_line(exc)}); check that the bucket exists "
-                            "and the URL is spelled right") from exc
-        raise UserError(f"cannot {action} {url}: {_one_line(exc)}; check the network and that the bucket is "
-                        "reachable, then re-run (finished objects are kept)") from exc
+            raise UserError(
+                f"cannot {action} {url}: not found ({_one_line(exc)}); check that the bucket exists "
+                "and the URL is spelled right"
+            ) from exc
+        raise UserError(
+            f"cannot {action} {url}: {_one_line(exc)}; check the network and that the bucket is "
+            "reachable, then re-run (finished objects are kept)"
+        ) from exc
     except Exception as exc:
         if _is_auth_error(exc):
-            raise UserError(f"cannot {action} {url}: {_one_line(exc)}; check credentials (e.g. AWS_PROFILE, "
-                            "GOOGLE_APPLICATION_CREDENTIALS)") from exc
+            raise UserError(
+                f"cannot {action} {url}: {_one_line(exc)}; check credentials (e.g. AWS_PROFILE, "
+                "GOOGLE_APPLICATION_CREDENTIALS)"
+            ) from exc
         raise
 
 
@@ -115,13 +125,17 @@ class RemoteRoot:
         try:
             self.fs, base = url_to_fs(self.url, **(storage_options or {}))
         except ImportError as exc:
-            raise UserError(f"cannot open store {url}: {_one_line(exc)} (pip install the fsspec package for "
-                            f"{protocol}://, e.g. s3fs, gcsfs or adlfs)") from exc
+            raise UserError(
+                f"cannot open store {url}: {_one_line(exc)} (pip install the fsspec package for "
+                f"{protocol}://, e.g. s3fs, gcsfs or adlfs)"
+            ) from exc
         except ValueError as exc:
             if "protocol" not in str(exc).lower():
                 raise UserError(f"cannot open store {url}: {_one_line(exc)}; check the URL") from exc
-            raise UserError(f"cannot open store {url}: unknown protocol {protocol!r}; use a local path or an fsspec "
-                            "URL such as s3://bucket/path, gs://bucket/path or memory://name") from exc
+            raise UserError(
+                f"cannot open store {url}: unknown protocol {protocol!r}; use a local path or an fsspec "
+                "URL such as s3://bucket/path, gs://bucket/path or memory://name"
+            ) from exc
         self.base = base.rstrip("/")
 
     def path(self, relpath: str = "") -> str:
@@ -156,8 +170,11 @@ class RemoteRoot:
             return {}
         with remote_errors(self.url, "read"):
             data = self.fs.cat(list(paths), on_error="omit")
-        return {paths[strip(p)]: Manifest.model_validate_json(raw) for p, raw in data.items()
-                if strip(p) in paths and not isinstance(raw, BaseException)}
+        return {
+            paths[strip(p)]: Manifest.model_validate_json(raw)
+            for p, raw in data.items()
+            if strip(p) in paths and not isinstance(raw, BaseException)
+        }
 
     def list_published(self, patterns: Iterable[str] | None = None) -> list[str]:
         """Relative paths of every published remote object, sorted.
@@ -170,9 +187,10 @@ class RemoteRoot:
             if patterns is None:
                 manifests = [p for p in self.fs.find(prefix) if p.rsplit("/", 1)[-1] == MANIFEST_NAME]
             else:
-                manifests = [p for pattern in patterns
-                             for p in self.fs.glob(f"{prefix}/{pattern.strip('/')}/{MANIFEST_NAME}")]
-        found = {p[len(prefix) + 1: -len(MANIFEST_NAME) - 1] for p in manifests if p.startswith(prefix + "/")}
+                manifests = [
+                    p for pattern in patterns for p in self.fs.glob(f"{prefix}/{pattern.strip('/')}/{MANIFEST_NAME}")
+                ]
+        found = {p[len(prefix) + 1 : -len(MANIFEST_NAME) - 1] for p in manifests if p.startswith(prefix + "/")}
         return sorted(r for r in found if r and not _skipped(r))
 
     def _remote_files(self, relpath: str) -> dict[str, int]:
@@ -180,8 +198,11 @@ class RemoteRoot:
         prefix = self.path(relpath)
         self.fs.invalidate_cache(prefix)
         listing = self.fs.find(prefix, detail=True)
-        sizes = {p[len(prefix) + 1:]: int(info.get("size") or 0) for p, info in listing.items()
-                 if p.startswith(prefix + "/") and info.get("type", "file") == "file"}
+        sizes = {
+            p[len(prefix) + 1 :]: int(info.get("size") or 0)
+            for p, info in listing.items()
+            if p.startswith(prefix + "/") and info.get("type", "file") == "file"
+        }
         return {f: sizes[f] for f in _outside_nested(sizes) if not _skipped(f)}
 
     def pull(self, relpath: str, local: Path) -> bool:
@@ -221,9 +242,13 @@ class RemoteRoot:
             raise UserError(f"{local} is not a finished object (no {MANIFEST_NAME}): finish it before pushing")
         if self.has_object(relpath):
             return
-        files = [f for f in _outside_nested(str(p.relative_to(local).as_posix()) for p in sorted(local.rglob("*"))
-                                            if p.is_file())
-                 if not _skipped(f) and f != MANIFEST_NAME]
+        files = [
+            f
+            for f in _outside_nested(
+                str(p.relative_to(local).as_posix()) for p in sorted(local.rglob("*")) if p.is_file()
+            )
+            if not _skipped(f) and f != MANIFEST_NAME
+        ]
         with remote_errors(self.url_of(relpath), "upload to"):
             uploaded = self._remote_files(relpath)
             todo = [f for f in files if uploaded.get(f) != (local / f).stat().st_size]

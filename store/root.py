@@ -27,8 +27,15 @@ from actstore.store.objects import TMP_MARK, read_manifest
 from actstore.store.remote import RemoteRoot, is_remote, local_path
 
 DEFAULT_ROOT = "./actstore-data"
-KIND_DIRS = {"corpus": "corpora", "harvest": "activations", "sae": "saes", "eval": "evals",
-             "transfer": "transfers", "forecast": "forecasts", "direction": "directions"}
+KIND_DIRS = {
+    "corpus": "corpora",
+    "harvest": "activations",
+    "sae": "saes",
+    "eval": "evals",
+    "transfer": "transfers",
+    "forecast": "forecasts",
+    "direction": "directions",
+}
 KIND_ORDER = [*KIND_DIRS, "features", "attribution"]
 CACHE_ENV = "ACTSTORE_CACHE"
 DEFAULT_CACHE = "~/.cache/actstore"
@@ -166,8 +173,9 @@ class Store:
         arrays = list(manifest.extra.get("arrays", {}))
         return open_activation(self.harvest_dir(harvest_id), site, arrays)
 
-    def features(self, sae_id: str, harvest_id: str, decode: Decode | None = None,
-                 encode: Encode | None = None) -> FeatureQueries:
+    def features(
+        self, sae_id: str, harvest_id: str, decode: Decode | None = None, encode: Encode | None = None
+    ) -> FeatureQueries:
         """Queries over an SAE's sparse features on a harvest, joined to that harvest's token table.
 
         `decode` (token ids -> text) and `encode` (text -> ids) come from the model's tokenizer; the store
@@ -292,20 +300,37 @@ class Store:
                 continue
             object_id = f"{directory.parent.name}/{directory.name}"
             # an attribution lives in its own sub-directory and may exist without an encode of the same pair
-            parts = [(kind, path) for kind, path in (("features", directory),
-                                                     ("attribution", directory / ATTRIBUTION_DIR)) if path.is_dir()]
+            parts = [
+                (kind, path)
+                for kind, path in (("features", directory), ("attribution", directory / ATTRIBUTION_DIR))
+                if path.is_dir()
+            ]
             if not any(p.name != ATTRIBUTION_DIR and TMP_MARK not in p.name for p in directory.iterdir()):
                 parts = parts[1:]
             for kind, path in parts:
                 manifest = read_manifest(path)
-                found.append(Listing(kind, object_id, manifest is not None,
-                                     manifest.counts if manifest else {}, manifest.created if manifest else ""))
+                found.append(
+                    Listing(
+                        kind,
+                        object_id,
+                        manifest is not None,
+                        manifest.counts if manifest else {},
+                        manifest.created if manifest else "",
+                    )
+                )
         return found
 
 
-_MAKER = {"corpus": "ingest", "harvest": "harvest", "sae": "train` or `actstore encode --sae PATH",
-          "features": "encode", "eval": "eval", "transfer": "transfer", "forecast": "forecast",
-          "direction": "direction"}
+_MAKER = {
+    "corpus": "ingest",
+    "harvest": "harvest",
+    "sae": "train` or `actstore encode --sae PATH",
+    "features": "encode",
+    "eval": "eval",
+    "transfer": "transfer",
+    "forecast": "forecast",
+    "direction": "direction",
+}
 
 
 def open_store(root: str | Path = DEFAULT_ROOT, storage_options: dict[str, Any] | None = None) -> Store:

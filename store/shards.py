@@ -121,8 +121,18 @@ class ShardReader(IterableDataset):
         """Which columns of a batch hold which source (`harvest_id/site`)."""
         self.width = edges[-1]
         self.block_tokens = max(a.chunk_tokens for a in self.arrays)
-        _check_settings(batch_size, buffer_tokens, self.block_tokens, self.names[0], rank, world_size, split, rows,
-                        self.n_tokens, drop_positions)
+        _check_settings(
+            batch_size,
+            buffer_tokens,
+            self.block_tokens,
+            self.names[0],
+            rank,
+            world_size,
+            split,
+            rows,
+            self.n_tokens,
+            drop_positions,
+        )
         self.batch_size, self.seed, self.buffer_tokens = batch_size, seed, buffer_tokens
         self.split, self.drop_positions, self.rows = split, sorted(set(drop_positions)), rows
         self.with_tok, self.rank, self.world_size, self.drop_last = with_tok, rank, world_size, drop_last
@@ -138,8 +148,10 @@ class ShardReader(IterableDataset):
         self.n_rows = int(self._block_rows.sum())
         """Rows the filters keep: every epoch serves each of them once, over all ranks and workers."""
         if self.n_rows == 0:
-            raise UserError(f"the filters (split={split!r}, drop_positions={self.drop_positions}, rows={rows}) keep "
-                            f"no row of {self.names[0]}: loosen them")
+            raise UserError(
+                f"the filters (split={split!r}, drop_positions={self.drop_positions}, rows={rows}) keep "
+                f"no row of {self.names[0]}: loosen them"
+            )
         self._nonempty = np.flatnonzero(self._block_rows)
         self._epoch, self._taken, self._workers = 0, 0, 1
 
@@ -157,35 +169,56 @@ class ShardReader(IterableDataset):
         """JSON-ready position: epoch, batches already served from this rank's stream, and the settings that
         define the stream. It is per rank: save one per rank. With workers, the stream is the round-robin of the
         workers' streams, so the state holds `num_workers` and resumes only with the same number."""
-        return {"format": STATE_FORMAT, "epoch": self._epoch, "batch": self._taken,
-                "num_workers": self._workers if self._workers > 1 else 0, "settings": self._settings()}
+        return {
+            "format": STATE_FORMAT,
+            "epoch": self._epoch,
+            "batch": self._taken,
+            "num_workers": self._workers if self._workers > 1 else 0,
+            "settings": self._settings(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; the reader must have been built with the same settings."""
         if state.get("format") != STATE_FORMAT:
-            raise UserError(f"reader state has format {state.get('format')!r}, expected {STATE_FORMAT!r}: "
-                            "pass the dict that ShardReader.state_dict() saved")
+            raise UserError(
+                f"reader state has format {state.get('format')!r}, expected {STATE_FORMAT!r}: "
+                "pass the dict that ShardReader.state_dict() saved"
+            )
         saved, mine = state.get("settings", {}), self._settings()
         for key, value in mine.items():
             if saved.get(key) != value:
-                raise UserError(f"reader state was saved with {key}={saved.get(key)!r} but this reader has "
-                                f"{key}={value!r}: build the reader with the saved settings to resume")
+                raise UserError(
+                    f"reader state was saved with {key}={saved.get(key)!r} but this reader has "
+                    f"{key}={value!r}: build the reader with the saved settings to resume"
+                )
         self._epoch, self._taken = int(state["epoch"]), int(state["batch"])
         self._workers = max(int(state["num_workers"]), 1)
 
     def _settings(self) -> dict[str, Any]:
         """Everything that shapes the stream of batches, in JSON types, so a saved state can be checked."""
-        return {"sources": self.names, "n_tokens": self.n_tokens, "batch_size": self.batch_size, "seed": self.seed,
-                "buffer_tokens": self.buffer_tokens, "block_tokens": self.block_tokens, "split": self.split,
-                "drop_positions": self.drop_positions, "rows": list(self.rows) if self.rows else None,
-                "rank": self.rank, "world_size": self.world_size, "drop_last": self.drop_last}
+        return {
+            "sources": self.names,
+            "n_tokens": self.n_tokens,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "buffer_tokens": self.buffer_tokens,
+            "block_tokens": self.block_tokens,
+            "split": self.split,
+            "drop_positions": self.drop_positions,
+            "rows": list(self.rows) if self.rows else None,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "drop_last": self.drop_last,
+        }
 
     def _begin(self, workers: int) -> tuple[int, int]:
         """The (epoch, batches taken) an iteration with `workers` streams starts at; a finished epoch rolls over."""
         if self._taken and self._workers != workers:
             saved = self._workers if self._workers > 1 else 0
-            raise UserError(f"the reader position was saved with num_workers={saved}: resume with "
-                            f"make_loader(reader, num_workers={saved}) or start a new epoch with set_epoch()")
+            raise UserError(
+                f"the reader position was saved with num_workers={saved}: resume with "
+                f"make_loader(reader, num_workers={saved}) or start a new epoch with set_epoch()"
+            )
         self._workers = workers
         if self._taken >= sum(self._stream_batches(self._epoch, workers)):
             self._epoch, self._taken = self._epoch + 1, 0
@@ -230,8 +263,9 @@ class ShardReader(IterableDataset):
         # DataLoader starts every iteration with worker 0: rotate the streams so that worker 0 reads the one
         # whose turn is next, and the round-robin goes on exactly as it would have without the restart.
         stream_id = (next_stream + worker) % workers
-        stream = self._stream(epoch, stream_id, self._shards(epoch, workers)[stream_id], share[stream_id],
-                              shared=info is not None)
+        stream = self._stream(
+            epoch, stream_id, self._shards(epoch, workers)[stream_id], share[stream_id], shared=info is not None
+        )
         if info is not None:
             yield from stream  # a worker's copy: the loader in the main process keeps the position
             return
@@ -240,8 +274,9 @@ class ShardReader(IterableDataset):
             self._advance(total)
             yield batch
 
-    def _stream(self, epoch: int, stream: int, blocks: np.ndarray, skip: int,
-                shared: bool) -> Iterator[torch.Tensor | TokBatch]:
+    def _stream(
+        self, epoch: int, stream: int, blocks: np.ndarray, skip: int, shared: bool
+    ) -> Iterator[torch.Tensor | TokBatch]:
         """One stream's batches, starting after its first `skip` batches without reading the groups before.
 
         The batches are made on a background thread, a couple ahead of the consumer, so the trainer's thread
@@ -259,8 +294,9 @@ class ShardReader(IterableDataset):
         finally:
             made.close()
 
-    def _make_batches(self, epoch: int, stream: int, groups: list[np.ndarray], g0: int, offset: int,
-                      shared: bool) -> Iterator[TokBatch]:
+    def _make_batches(
+        self, epoch: int, stream: int, groups: list[np.ndarray], g0: int, offset: int, shared: bool
+    ) -> Iterator[TokBatch]:
         """Batches of groups `g0...`, from row `offset` of the first: each a seeded sample of its group's rows, in
         random order, copied out of the sources' chunks."""
         sources = [_ChunkFiles(array) for array in self.arrays]
@@ -294,16 +330,18 @@ class ShardReader(IterableDataset):
             tok.share_memory_()
         return TokBatch(acts, tok)
 
-    def _load_group(self, epoch: int, stream: int, group: int, blocks: np.ndarray,
-                    sources: "list[_ChunkFiles]") -> "_Group":
+    def _load_group(
+        self, epoch: int, stream: int, group: int, blocks: np.ndarray, sources: "list[_ChunkFiles]"
+    ) -> "_Group":
         """A group's kept rows (their `tok`, in block order), the seeded order to serve them in, and every
         source's chunks that hold them, opened."""
         pieces = []
         for block, kept in zip(blocks.tolist(), self._block_rows[blocks].tolist(), strict=True):
             start = block * self.block_tokens
             stop = min(start + self.block_tokens, self.n_tokens)
-            pieces.append(np.arange(start, stop) if kept == stop - start
-                          else start + np.flatnonzero(self._kept(start, stop)))
+            pieces.append(
+                np.arange(start, stop) if kept == stop - start else start + np.flatnonzero(self._kept(start, stop))
+            )
         tok = np.concatenate(pieces)
         rng = np.random.default_rng((self.seed, epoch, self.rank, self.world_size, stream, group))
         chunks = [{int(c): source.open(int(c)) for c in self._chunks_of(blocks, source)} for source in sources]
@@ -363,9 +401,13 @@ class _ChunkFiles:
         self.d = array.shape[1] if len(array.shape) == 2 else 1
         self.dtype = np.dtype(_PHYSICAL[array.dtype]).newbyteorder("<")
         codecs = array.zarr.metadata.codecs  # type: ignore[union-attr]
-        self.plain = (isinstance(array.zarr.store, LocalStore) and len(codecs) == 1
-                      and isinstance(codecs[0], BytesCodec) and codecs[0].endian in (Endian.little, None)
-                      and (len(array.shape) == 1 or array.zarr.chunks[1] == self.d))
+        self.plain = (
+            isinstance(array.zarr.store, LocalStore)
+            and len(codecs) == 1
+            and isinstance(codecs[0], BytesCodec)
+            and codecs[0].endian in (Endian.little, None)
+            and (len(array.shape) == 1 or array.zarr.chunks[1] == self.d)
+        )
 
     def open(self, chunk: int) -> np.ndarray:
         if not self.plain:
@@ -376,12 +418,15 @@ class _ChunkFiles:
         try:
             with open(path, "rb") as file:
                 if os.fstat(file.fileno()).st_size != size:
-                    raise UserError(f"chunk file {path} is not {size} bytes: the harvest was altered; delete it "
-                                    "and re-run the harvest")
+                    raise UserError(
+                        f"chunk file {path} is not {size} bytes: the harvest was altered; delete it "
+                        "and re-run the harvest"
+                    )
                 mapped = mmap.mmap(file.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except FileNotFoundError:
-            raise UserError(f"chunk file {path} is missing: the harvest was altered; delete it and re-run the "
-                            "harvest") from None
+            raise UserError(
+                f"chunk file {path} is missing: the harvest was altered; delete it and re-run the harvest"
+            ) from None
         return np.frombuffer(mapped, dtype=self.dtype).reshape(self.chunk_tokens, self.d)
 
     def advise(self, chunk: int) -> None:
@@ -392,7 +437,8 @@ class _ChunkFiles:
 
     def _path(self, chunk: int) -> Path:
         key = self.array.zarr.metadata.encode_chunk_key(  # type: ignore[union-attr]
-            (chunk,) if len(self.array.shape) == 1 else (chunk, 0))
+            (chunk,) if len(self.array.shape) == 1 else (chunk, 0)
+        )
         return self.array.path / key
 
 
@@ -437,8 +483,11 @@ def _convert(stored: np.ndarray, logical_dtype: str, out: torch.Tensor) -> None:
     elif out.dtype != torch.bfloat16 and logical_dtype != "bfloat16":
         np.copyto(out.numpy(), stored, casting="same_kind")
     else:
-        source = torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16) if logical_dtype == "bfloat16" \
+        source = (
+            torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16)
+            if logical_dtype == "bfloat16"
             else torch.from_numpy(stored)
+        )
         out.copy_(source)
 
 
@@ -510,8 +559,14 @@ class ShardLoader:
     """A DataLoader over a ShardReader that keeps the reader's position, so `state_dict()` names the exact
     next batch with workers too (the order is DataLoader's round-robin of its workers' streams)."""
 
-    def __init__(self, reader: ShardReader, num_workers: int = 0, pin_memory: bool = False,
-                 prefetch_factor: int = 2, multiprocessing_context: str | None = "forkserver") -> None:
+    def __init__(
+        self,
+        reader: ShardReader,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        multiprocessing_context: str | None = "forkserver",
+    ) -> None:
         if num_workers < 0:
             raise UserError(f"num_workers={num_workers} is negative: pass 0 (read in this process) or more")
         self.reader, self.num_workers, self.prefetch_factor = reader, num_workers, prefetch_factor
@@ -523,9 +578,14 @@ class ShardLoader:
         """One epoch from the reader's position (the rest of the saved epoch after `load_state_dict`)."""
         workers = max(self.num_workers, 1)
         epoch, _ = self.reader._begin(workers)
-        loader = DataLoader(self.reader, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            multiprocessing_context=self.context)
+        loader = DataLoader(
+            self.reader,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            multiprocessing_context=self.context,
+        )
         if self.num_workers == 0:
             yield from loader  # the reader itself runs here and keeps its position
             return
@@ -541,13 +601,20 @@ class ShardLoader:
         """Continue from a saved position; it must come from a loader with the same `num_workers`."""
         saved = int(state.get("num_workers", 0))
         if state.get("batch") and max(saved, 1) != max(self.num_workers, 1):
-            raise UserError(f"the loader state was saved with num_workers={saved} but this loader has "
-                            f"num_workers={self.num_workers}: resume with make_loader(reader, num_workers={saved})")
+            raise UserError(
+                f"the loader state was saved with num_workers={saved} but this loader has "
+                f"num_workers={self.num_workers}: resume with make_loader(reader, num_workers={saved})"
+            )
         self.reader.load_state_dict(state)
 
 
-def make_loader(reader: ShardReader, num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2,
-                multiprocessing_context: str | None = "forkserver") -> ShardLoader:
+def make_loader(
+    reader: ShardReader,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+    multiprocessing_context: str | None = "forkserver",
+) -> ShardLoader:
     """A loader of `reader`'s batches using `num_workers` processes (0: this one); iterate it once per epoch.
 
     `num_workers=0` is usually the fastest: the reader already makes batches on a background thread. Worker
@@ -569,8 +636,10 @@ def _worker_context(name: str | None) -> multiprocessing.context.BaseContext | N
     try:
         context = multiprocessing.get_context(name)
     except ValueError:
-        raise UserError(f"multiprocessing_context {name!r} is not a start method here: use one of "
-                        f"{', '.join(multiprocessing.get_all_start_methods())}") from None
+        raise UserError(
+            f"multiprocessing_context {name!r} is not a start method here: use one of "
+            f"{', '.join(multiprocessing.get_all_start_methods())}"
+        ) from None
     if name == "forkserver":
         context.set_forkserver_preload(["__main__", __name__])
     return context
@@ -581,11 +650,15 @@ def _check_same_tokens(arrays: list[ActivationArray], names: list[str]) -> int:
     first = arrays[0]
     for array, name in zip(arrays[1:], names[1:], strict=True):
         if array.attrs.corpus_id != first.attrs.corpus_id:
-            raise UserError(f"source {name} comes from corpus {array.attrs.corpus_id} but {names[0]} from "
-                            f"{first.attrs.corpus_id}: read together only harvests of one corpus")
+            raise UserError(
+                f"source {name} comes from corpus {array.attrs.corpus_id} but {names[0]} from "
+                f"{first.attrs.corpus_id}: read together only harvests of one corpus"
+            )
         if array.shape[0] != first.shape[0]:
-            raise UserError(f"source {name} has {array.shape[0]} rows but {names[0]} has {first.shape[0]}: read "
-                            "together only harvests of the same tokens (same corpus and max_tokens)")
+            raise UserError(
+                f"source {name} has {array.shape[0]} rows but {names[0]} has {first.shape[0]}: read "
+                "together only harvests of the same tokens (same corpus and max_tokens)"
+            )
     return first.shape[0]
 
 
@@ -593,36 +666,59 @@ def _batch_dtype(dtype: torch.dtype | None, arrays: list[ActivationArray], names
     if dtype is None:
         stored = {array.dtype for array in arrays}
         if len(stored) > 1:
-            raise UserError(f"sources {', '.join(names)} are stored as {' and '.join(sorted(stored))}: pass "
-                            "dtype=torch.float32 (or one of them) to read them together")
+            raise UserError(
+                f"sources {', '.join(names)} are stored as {' and '.join(sorted(stored))}: pass "
+                "dtype=torch.float32 (or one of them) to read them together"
+            )
         return _DTYPES[stored.pop()]
     if dtype not in _DTYPES.values():
-        raise UserError(f"dtype {dtype} is not one the reader gives: use torch.float32, torch.float16, "
-                        "torch.bfloat16 or None (the stored dtype)")
+        raise UserError(
+            f"dtype {dtype} is not one the reader gives: use torch.float32, torch.float16, "
+            "torch.bfloat16 or None (the stored dtype)"
+        )
     return dtype
 
 
-def _check_settings(batch_size: int, buffer_tokens: int, block_tokens: int, name: str, rank: int, world_size: int,
-                    split: str | None, rows: tuple[int, int] | None, n_tokens: int,
-                    drop_positions: Iterable[int]) -> None:
+def _check_settings(
+    batch_size: int,
+    buffer_tokens: int,
+    block_tokens: int,
+    name: str,
+    rank: int,
+    world_size: int,
+    split: str | None,
+    rows: tuple[int, int] | None,
+    n_tokens: int,
+    drop_positions: Iterable[int],
+) -> None:
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be at least 1")
     if buffer_tokens < block_tokens:
-        raise UserError(f"buffer_tokens={buffer_tokens} is smaller than one chunk ({block_tokens} rows) of {name}: "
-                        f"pass buffer_tokens >= {block_tokens}")
+        raise UserError(
+            f"buffer_tokens={buffer_tokens} is smaller than one chunk ({block_tokens} rows) of {name}: "
+            f"pass buffer_tokens >= {block_tokens}"
+        )
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"rank={rank} is not in range for world_size={world_size}: pass 0 <= rank < world_size")
     if split is not None and split not in SPLITS:
         raise UserError(f"split {split!r} is not a split of the token table: pass one of {', '.join(SPLITS)} or None")
     if rows is not None and not 0 <= rows[0] < rows[1] <= n_tokens:
-        raise UserError(f"rows={tuple(rows)} is not a range of the {n_tokens} rows of {name}: pass (start, stop) "
-                        f"with 0 <= start < stop <= {n_tokens}")
+        raise UserError(
+            f"rows={tuple(rows)} is not a range of the {n_tokens} rows of {name}: pass (start, stop) "
+            f"with 0 <= start < stop <= {n_tokens}"
+        )
     if any(p < 0 for p in drop_positions):
         raise UserError(f"drop_positions {sorted(drop_positions)} has a negative position: pass window positions >= 0")
 
 
-def _row_mask(store: Store, corpus_id: str, n_tokens: int, split: str | None, drop_positions: list[int],
-              rows: tuple[int, int] | None) -> np.ndarray | None:
+def _row_mask(
+    store: Store,
+    corpus_id: str,
+    n_tokens: int,
+    split: str | None,
+    drop_positions: list[int],
+    rows: tuple[int, int] | None,
+) -> np.ndarray | None:
     """Which rows the filters keep (None: all), computed once from the token table (one byte per row)."""
     keep: np.ndarray | None = None
     if split is not None or drop_positions:
@@ -633,8 +729,10 @@ def _row_mask(store: Store, corpus_id: str, n_tokens: int, split: str | None, dr
             condition = condition & ~pl.col("pos").is_in(drop_positions)
         column = store.tokens(corpus_id).head(n_tokens).select(condition.alias("keep")).collect()["keep"]
         if len(column) < n_tokens:
-            raise UserError(f"token table of corpus {corpus_id} has {len(column)} rows, fewer than the {n_tokens} "
-                            "harvested: re-ingest the corpus")
+            raise UserError(
+                f"token table of corpus {corpus_id} has {len(column)} rows, fewer than the {n_tokens} "
+                "harvested: re-ingest the corpus"
+            )
         keep = column.to_numpy().copy()
     if rows is not None:
         keep = np.ones(n_tokens, dtype=bool) if keep is None else keep

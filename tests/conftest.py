@@ -23,8 +23,13 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     home = tempfile.mkdtemp(prefix="actstore-prefect-")
     _server, url = start_server(Path(home))
-    os.environ.update(PREFECT_HOME=home, PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      TOKENIZERS_PARALLELISM="false", PREFECT_LOGGING_TO_API_ENABLED="false")
+    os.environ.update(
+        PREFECT_HOME=home,
+        PREFECT_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        TOKENIZERS_PARALLELISM="false",
+        PREFECT_LOGGING_TO_API_ENABLED="false",
+    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

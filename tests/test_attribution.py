@@ -48,8 +48,13 @@ def random_sae(kind: str, seed: int, d_in: int = D_MODEL) -> SAE:
     g = torch.Generator().manual_seed(seed)
     options: dict[str, Any] = {
         "topk": {"architecture": "topk", "k": 6},
-        "scaled": {"architecture": "topk", "k": 6, "rescale_acts_by_decoder_norm": True,
-                   "normalize_activations": "expected_average_only_in", "scaling_factor": 0.7},
+        "scaled": {
+            "architecture": "topk",
+            "k": 6,
+            "rescale_acts_by_decoder_norm": True,
+            "normalize_activations": "expected_average_only_in",
+            "scaling_factor": 0.7,
+        },
         "rescaled": {"architecture": "standard", "normalize_activations": "constant_norm_rescale"},
     }[kind]
     cfg = SAEConfig(d_in=d_in, d_sae=D_SAE, hook_name=SITE, **options)
@@ -57,8 +62,15 @@ def random_sae(kind: str, seed: int, d_in: int = D_MODEL) -> SAE:
     b_enc = torch.randn(D_SAE, generator=g) * 0.1 - (0.5 if kind == "rescaled" else 0.0)
     if kind == "rescaled":
         b_enc[0] = -1e3  # a dead feature, so the tables' rows for one are checked too
-    return SAE(cfg, {"W_enc": torch.randn(d_in, D_SAE, generator=g) / d_in**0.5, "W_dec": w_dec,
-                     "b_enc": b_enc, "b_dec": torch.randn(d_in, generator=g) * 0.1})
+    return SAE(
+        cfg,
+        {
+            "W_enc": torch.randn(d_in, D_SAE, generator=g) / d_in**0.5,
+            "W_dec": w_dec,
+            "b_enc": b_enc,
+            "b_dec": torch.randn(d_in, generator=g) * 0.1,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +79,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model_dir = build_tiny_model("llama", base / "llama")
     root = base / "store"
     model = ModelConfig(name=str(model_dir))
-    corpus = ingest(str(root), CorpusConfig(source="text", paths=(str(write_text_corpus(base / "docs", 12)),),
-                                            tokenizer=model, ctx_len=CTX, max_tokens=20 * CTX))
+    corpus = ingest(
+        str(root),
+        CorpusConfig(
+            source="text",
+            paths=(str(write_text_corpus(base / "docs", 12)),),
+            tokenizer=model,
+            ctx_len=CTX,
+            max_tokens=20 * CTX,
+        ),
+    )
     run = HarvestRuntime(progress=False, device="cpu")
     common = {"corpus_id": corpus.id, "model": model, "batch_windows": 4}
     harvests = {
         "loss": harvest(str(root), HarvestConfig(sites=LOSS_SITES, gradient_metric="loss", **common), run).id,
-        "logit_diff": harvest(str(root), HarvestConfig(sites=(SITE,), gradient_metric="logit_diff",
-                                                       logit_diff_tokens=LOGIT_DIFF, **common), run).id,
+        "logit_diff": harvest(
+            str(root),
+            HarvestConfig(sites=(SITE,), gradient_metric="logit_diff", logit_diff_tokens=LOGIT_DIFF, **common),
+            run,
+        ).id,
         "plain": harvest(str(root), HarvestConfig(sites=(SITE,), **common), run).id,
     }
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
@@ -84,8 +107,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for seed, kind in enumerate(("topk", "scaled", "rescaled")):
         saes[kind] = base / f"sae-{kind}"
         save(random_sae(kind, seed), saes[kind])
-    return {"base": base, "root": root, "harvests": harvests, "hf": hf, "ids": ids, "saes": saes,
-            "model_dir": model_dir}
+    return {
+        "base": base,
+        "root": root,
+        "harvests": harvests,
+        "hf": hf,
+        "ids": ids,
+        "saes": saes,
+        "model_dir": model_dir,
+    }
 
 
 def _swap_hook(model: PreTrainedModel, site: str, swap: Callable[[Tensor], Tensor]) -> Any:
@@ -93,14 +123,17 @@ def _swap_hook(model: PreTrainedModel, site: str, swap: Callable[[Tensor], Tenso
     layer, hook = int(site.split(".")[1]), site.split(".hook_")[1]
     block = model.model.layers[layer]
     if hook == "resid_pre":
+
         def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if args:
                 return (swap(args[0]), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": swap(kwargs["hidden_states"])}
+
         return block.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(_m: nn.Module, _args: Any, out: Any) -> Any:
         return swap(out) if isinstance(out, Tensor) else (swap(out[0]), *out[1:])
+
     return (block if hook == "resid_post" else block.mlp).register_forward_hook(post)
 
 
@@ -134,8 +167,9 @@ def stored_triples(directory: Path) -> pl.DataFrame:
 
 
 @pytest.mark.parametrize(("kind", "sites"), [("loss", LOSS_SITES), ("logit_diff", (SITE,))])
-def test_stored_gradients_equal_autograd_of_the_summed_metric(world: dict[str, Any], kind: str,
-                                                              sites: tuple[str, ...]) -> None:
+def test_stored_gradients_equal_autograd_of_the_summed_metric(
+    world: dict[str, Any], kind: str, sites: tuple[str, ...]
+) -> None:
     store = Store(world["root"])
     harvest_id = world["harvests"][kind]
     for site in sites:
@@ -173,12 +207,18 @@ def spliced_attribution(world: dict[str, Any], sae: SAE, metric: str) -> pl.Data
         handle.remove()
     f = latents["f"]
     toks, features = torch.nonzero(f.detach(), as_tuple=True)
-    return pl.DataFrame({"feature": features.numpy().astype(np.int32), "tok": toks.numpy(),
-                         "expected": (f * f.grad).detach()[toks, features].numpy()})
+    return pl.DataFrame(
+        {
+            "feature": features.numpy().astype(np.int32),
+            "tok": toks.numpy(),
+            "expected": (f * f.grad).detach()[toks, features].numpy(),
+        }
+    )
 
 
-@pytest.mark.parametrize(("kind", "metric"), [("topk", "loss"), ("topk", "logit_diff"), ("scaled", "loss"),
-                                              ("rescaled", "loss")])
+@pytest.mark.parametrize(
+    ("kind", "metric"), [("topk", "loss"), ("topk", "logit_diff"), ("scaled", "loss"), ("rescaled", "loss")]
+)
 def test_attribution_equals_autograd_through_the_spliced_sae(world: dict[str, Any], kind: str, metric: str) -> None:
     manifest = attribute(str(world["root"]), str(world["saes"][kind]), world["harvests"][metric], runtime=RUNTIME)
     assert manifest.extra["site"] == SITE and manifest.config["metric"] == metric
@@ -188,8 +228,7 @@ def test_attribution_equals_autograd_through_the_spliced_sae(world: dict[str, An
     joined = expected.join(got, on=["feature", "tok"], how="full", coalesce=True)
     assert joined.null_count().sum_horizontal().item() == 0  # the same active (feature, tok) pairs
     scale = float(joined["expected"].abs().max())
-    np.testing.assert_allclose(joined["value"].to_numpy(), joined["expected"].to_numpy(), rtol=1e-3,
-                               atol=1e-5 * scale)
+    np.testing.assert_allclose(joined["value"].to_numpy(), joined["expected"].to_numpy(), rtol=1e-3, atol=1e-5 * scale)
 
 
 def test_error_node_per_token_and_per_feature_tables(world: dict[str, Any]) -> None:
@@ -213,7 +252,8 @@ def test_error_node_per_token_and_per_feature_tables(world: dict[str, Any]) -> N
     np.testing.assert_allclose(parts, per_token["total_attribution"], rtol=1e-4, atol=tol)
     triples = stored_triples(directory)
     by_tok = pl.DataFrame({"tok": np.arange(len(x))}).join(
-        triples.group_by("tok").agg(pl.col("value").sum().alias("sum"), pl.len().alias("l0")), on="tok", how="left")
+        triples.group_by("tok").agg(pl.col("value").sum().alias("sum"), pl.len().alias("l0")), on="tok", how="left"
+    )
     np.testing.assert_allclose(per_token["feature_attribution"], by_tok["sum"].fill_null(0), rtol=1e-4, atol=tol)
     assert per_token["l0"].to_list() == by_tok["l0"].fill_null(0).to_list()
     stored_loss = store.activations(harvest_id, "loss")[:]
@@ -230,7 +270,7 @@ def test_error_node_per_token_and_per_feature_tables(world: dict[str, Any]) -> N
         assert row["attribution_sum"] == pytest.approx(v.sum(), rel=1e-6, abs=1e-9)
         if len(v):
             assert row["attribution_abs_mean"] == pytest.approx(np.abs(v).mean(), rel=1e-6)
-            order = np.lexsort((rows["tok"].to_numpy(), -np.abs(v)))[:manifest.config["top_k"]]
+            order = np.lexsort((rows["tok"].to_numpy(), -np.abs(v)))[: manifest.config["top_k"]]
             assert row["top_tok"] == rows["tok"].to_numpy()[order].tolist()
         else:
             assert row["attribution_mean"] is None and row["attribution_max"] is None and row["top_tok"] == []
@@ -247,8 +287,9 @@ def test_logit_weights_equal_brute_force_argsort(world: dict[str, Any]) -> None:
     assert table["feature"].to_list() == list(range(D_SAE))
     assert table["positive_ids"].to_list() == order[:, :k].tolist()
     assert table["negative_ids"].to_list() == order.flip(-1)[:, :k].tolist()
-    np.testing.assert_allclose(np.array(table["positive_logits"].to_list()),
-                               logits.gather(1, order[:, :k]).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(table["positive_logits"].to_list()), logits.gather(1, order[:, :k]).numpy(), rtol=1e-4, atol=1e-5
+    )
     tokenizer = AutoTokenizer.from_pretrained(world["model_dir"])
     assert table["negative_tokens"][3].to_list() == [tokenizer.decode([i]) for i in table["negative_ids"][3]]
 
@@ -260,11 +301,15 @@ def test_bad_input_is_one_line_and_leaves_the_store_unchanged(world: dict[str, A
     save(random_sae("topk", 9, d_in=16), wrong_width)
     before = snapshot(root)
     cases = [
-        ((str(world["saes"]["topk"]), world["harvests"]["plain"], None), "stores no gradients: re-harvest with "
-                                                                          "--gradients"),
+        (
+            (str(world["saes"]["topk"]), world["harvests"]["plain"], None),
+            "stores no gradients: re-harvest with --gradients",
+        ),
         ((str(wrong_width), world["harvests"]["loss"], None), "d_in=16"),
-        ((str(world["saes"]["topk"]), world["harvests"]["logit_diff"], "blocks.0.hook_mlp_out"),
-         "not at 'blocks.0.hook_mlp_out'"),
+        (
+            (str(world["saes"]["topk"]), world["harvests"]["logit_diff"], "blocks.0.hook_mlp_out"),
+            "not at 'blocks.0.hook_mlp_out'",
+        ),
         ((str(world["saes"]["topk"]), "harvest-missing-00000000", None), "harvest-missing-00000000"),
     ]
     for (sae, harvest_id, site), fragment in cases:
@@ -282,23 +327,37 @@ def test_harvest_config_gradient_fields(world: dict[str, Any]) -> None:
     plain = {"corpus_id": "corpus-x-12345678", "sites": ("blocks.3.hook_resid_post",)}
     # Ids of configs without gradients are the ones they had before gradients existed.
     assert HarvestConfig(**plain).harvest_id() == "harvest-smollm2-135m-L3-8e2f2c00"
-    assert HarvestConfig(corpus_id="corpus-x-12345678", sites=("blocks.3.hook_resid_post", "blocks.1.hook_mlp_out"),
-                         loss=True, store_dtype="float16").harvest_id() == "harvest-smollm2-135m-L1-3-c002ecf0"
+    assert (
+        HarvestConfig(
+            corpus_id="corpus-x-12345678",
+            sites=("blocks.3.hook_resid_post", "blocks.1.hook_mlp_out"),
+            loss=True,
+            store_dtype="float16",
+        ).harvest_id()
+        == "harvest-smollm2-135m-L1-3-c002ecf0"
+    )
     with_gradients = HarvestConfig(**plain, gradient_metric="loss")
     assert with_gradients.loss and with_gradients == HarvestConfig(**plain, gradient_metric="loss", loss=True)
     assert with_gradients.harvest_id() != HarvestConfig(**plain, loss=True).harvest_id()
     assert HarvestConfig.model_validate(with_gradients.model_dump(mode="json")) == with_gradients
-    for kwargs, fragment in [({"gradient_metric": "logit_diff"}, "--logit-diff A B"),
-                             ({"logit_diff_tokens": (1, 2)}, "--gradients logit_diff"),
-                             ({"gradient_metric": "logit_diff", "logit_diff_tokens": (-1, 2)}, ">= 0"),
-                             ({"gradient_metric": "loss", "sites": ("model.layers.0.grad",)}, "suffix")]:
+    for kwargs, fragment in [
+        ({"gradient_metric": "logit_diff"}, "--logit-diff A B"),
+        ({"logit_diff_tokens": (1, 2)}, "--gradients logit_diff"),
+        ({"gradient_metric": "logit_diff", "logit_diff_tokens": (-1, 2)}, ">= 0"),
+        ({"gradient_metric": "loss", "sites": ("model.layers.0.grad",)}, "suffix"),
+    ]:
         with pytest.raises(UserError, match=fragment):
             HarvestConfig(**{**plain, **kwargs})
     root = world["root"]
     corpus_id = Store(root).manifest("harvest", world["harvests"]["plain"]).extra["corpus_id"]
     before = snapshot(root)
-    beyond = HarvestConfig(corpus_id=corpus_id, model=ModelConfig(name=str(world["model_dir"])), sites=(SITE,),
-                           gradient_metric="logit_diff", logit_diff_tokens=(1, 100_000))
+    beyond = HarvestConfig(
+        corpus_id=corpus_id,
+        model=ModelConfig(name=str(world["model_dir"])),
+        sites=(SITE,),
+        gradient_metric="logit_diff",
+        logit_diff_tokens=(1, 100_000),
+    )
     with pytest.raises(UserError, match="outside the model's vocabulary"):
         harvest(str(root), beyond, HarvestRuntime(progress=False, device="cpu"))
     assert snapshot(root) == before
@@ -312,7 +371,7 @@ def test_attribution_predicts_zero_ablation_on_smollm2() -> None:
     rng = random.Random(0)
     windows, length, variants_n = 8, 10, 6
     text = " ".join(rng.choice(WORDS) for _ in range(windows * length * 2))
-    ids = torch.tensor(tokenizer(text)["input_ids"][:windows * length]).reshape(windows, length)
+    ids = torch.tensor(tokenizer(text)["input_ids"][: windows * length]).reshape(windows, length)
     specs = resolve_sites(model, ["blocks.3.hook_resid_post"])
     with GradientCapture(model, specs, "loss") as capture:
         result = capture(ids)
@@ -321,8 +380,10 @@ def test_attribution_predicts_zero_ablation_on_smollm2() -> None:
     gen = torch.Generator().manual_seed(0)
     w_dec = torch.randn(256, d, generator=gen)
     w_dec /= w_dec.norm(dim=-1, keepdim=True)
-    sae = SAE(SAEConfig(architecture="topk", d_in=d, d_sae=256, k=16),
-              {"W_enc": w_dec.T.clone(), "W_dec": w_dec, "b_enc": torch.zeros(256), "b_dec": x.mean(dim=0)})
+    sae = SAE(
+        SAEConfig(architecture="topk", d_in=d, d_sae=256, k=16),
+        {"W_enc": w_dec.T.clone(), "W_dec": w_dec, "b_enc": torch.zeros(256), "b_dec": x.mean(dim=0)},
+    )
     out = attribute_batch(sae, x, g)
     latents = out.latents.reshape(windows, length, -1)
     attribution = out.attribution.reshape(windows, length, -1)
@@ -339,6 +400,7 @@ def test_attribution_predicts_zero_ablation_on_smollm2() -> None:
             for b, t, i in pairs:
                 value[b, t] -= latents[b, t, i] * w_dec[i]
             return value
+
         variants[f"ablate-{v}"] = {specs[0].name: ablate}
     losses = downstream(model, specs, ids, variants)
     clean = losses[CLEAN].ce.reshape(windows, length)
@@ -353,7 +415,9 @@ def test_attribution_predicts_zero_ablation_on_smollm2() -> None:
     small = size_a <= np.median(size_a)
     r_small = np.corrcoef(estimate_a[small], true_a[small])[0, 1]
     r_all = np.corrcoef(estimate_a, true_a)[0, 1]
-    print(f"attribution vs zero-ablation on SmolLM2 blocks.3: r={r_small:.3f} over {small.sum()} pairs with "
-          f"activation <= {np.median(size_a):.2f}, r={r_all:.3f} over all {len(size_a)}")
+    print(
+        f"attribution vs zero-ablation on SmolLM2 blocks.3: r={r_small:.3f} over {small.sum()} pairs with "
+        f"activation <= {np.median(size_a):.2f}, r={r_all:.3f} over all {len(size_a)}"
+    )
     assert r_small > 0.8
     assert r_all > 0.7

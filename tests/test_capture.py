@@ -29,8 +29,14 @@ MAPPED = tuple(f for f in FAMILY_CONFIGS if f not in UNMAPPED)
 
 LAYERS = {"gpt2": "transformer.h", "gptj": "transformer.h", "gpt_neox": "gpt_neox.layers", "mamba": "backbone.layers"}
 SANDWICH = ("post_attention_layernorm", "post_feedforward_layernorm")
-BRANCHES = {"gemma2": SANDWICH, "gemma3_text": SANDWICH, "olmo2": SANDWICH, "gpt2": ("attn", "mlp"),
-            "gptj": ("attn", "mlp"), "gpt_neox": ("attention", "mlp")}
+BRANCHES = {
+    "gemma2": SANDWICH,
+    "gemma3_text": SANDWICH,
+    "olmo2": SANDWICH,
+    "gpt2": ("attn", "mlp"),
+    "gptj": ("attn", "mlp"),
+    "gpt_neox": ("attention", "mlp"),
+}
 FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
 
 
@@ -50,8 +56,10 @@ def recorded_outputs(model: torch.nn.Module, paths: list[str]) -> Iterator[dict[
     seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
     handles = []
     for path in paths:
+
         def hook(_m: torch.nn.Module, _a: object, out: object, path: str = path) -> None:
             seen[path].append((out[0] if isinstance(out, tuple) else out).detach().clone())
+
         handles.append(model.get_submodule(path).register_forward_hook(hook))
     try:
         yield seen
@@ -104,8 +112,10 @@ def test_every_site_matches_hf_hidden_states_and_hand_placed_hooks(
     with recorded_outputs(model, [*branches, last_layer]) as hooked:
         hidden = reference(model, ids).hidden_states
     for layer in range(N_LAYERS):
-        acts = {hook: result.acts[f"blocks.{layer}.hook_{hook}"] for hook in ("resid_pre", "resid_post", "attn_out",
-                                                                              "mlp_out")}
+        acts = {
+            hook: result.acts[f"blocks.{layer}.hook_{hook}"]
+            for hook in ("resid_pre", "resid_post", "attn_out", "mlp_out")
+        }
         assert all(a.dtype == torch.float32 and a.is_contiguous() and a.shape == (18, 32) for a in acts.values())
         assert torch.equal(acts["resid_pre"], flat(hidden[layer]))
         # The last entry of hidden_states has the final norm applied, so the last layer is checked by a hook.
@@ -114,8 +124,12 @@ def test_every_site_matches_hf_hidden_states_and_hand_placed_hooks(
         attn, mlp = branch_paths(family, layer)
         assert torch.equal(acts["attn_out"], flat(hooked[attn][0]))
         assert torch.equal(acts["mlp_out"], flat(hooked[mlp][0]))
-        torch.testing.assert_close(acts["resid_pre"] + acts["attn_out"] + acts["mlp_out"], acts["resid_post"],
-                                   rtol=1e-5, atol=1e-5 * float(acts["resid_post"].abs().max()))
+        torch.testing.assert_close(
+            acts["resid_pre"] + acts["attn_out"] + acts["mlp_out"],
+            acts["resid_post"],
+            rtol=1e-5,
+            atol=1e-5 * float(acts["resid_post"].abs().max()),
+        )
 
 
 @pytest.mark.parametrize("family", MAPPED)
@@ -139,8 +153,7 @@ def test_loss_is_next_token_cross_entropy_with_nan_at_the_last_position(
     monkeypatch.setattr(capture_module, "LOSS_CHUNK_ELEMENTS", 5 * model.config.vocab_size)
     result = capture(model, ["blocks.1.hook_resid_post"], ids, loss=True)
     logits = reference(model, ids).logits.float()
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                               reduction="none")
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     assert result.loss is not None and result.loss.dtype == torch.float32 and result.loss.shape == (18,)
     per_row = result.loss.view(2, 9)
     assert per_row[:, -1].isnan().all()
@@ -153,11 +166,14 @@ def test_loss_only_capture_has_no_activations(tiny: dict[str, PreTrainedModel], 
     assert result.acts == {} and result.loss is not None and result.loss.isfinite().sum() == 16
 
 
-@pytest.mark.parametrize(("site", "loss", "later_runs"), [
-    ("blocks.1.hook_resid_post", False, False),
-    ("blocks.2.hook_resid_pre", False, False),
-    ("blocks.1.hook_resid_post", True, True),
-])
+@pytest.mark.parametrize(
+    ("site", "loss", "later_runs"),
+    [
+        ("blocks.1.hook_resid_post", False, False),
+        ("blocks.2.hook_resid_pre", False, False),
+        ("blocks.1.hook_resid_post", True, True),
+    ],
+)
 def test_early_stop_skips_the_layers_after_the_deepest_site(
     site: str, loss: bool, later_runs: bool, tiny: dict[str, PreTrainedModel], ids: torch.Tensor
 ) -> None:
@@ -180,8 +196,9 @@ def test_hooks_record_only_during_a_call_and_close_removes_them(
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in modules] == before
 
 
-@pytest.mark.parametrize(("family", "dtype"), [("llama", "bfloat16"), ("llama", "float16"), ("gpt2", "bfloat16"),
-                                               ("gemma2", "float16")])
+@pytest.mark.parametrize(
+    ("family", "dtype"), [("llama", "bfloat16"), ("llama", "float16"), ("gpt2", "bfloat16"), ("gemma2", "float16")]
+)
 def test_half_precision_models_capture_in_their_own_dtype(
     family: str, dtype: str, tiny_dirs: dict[str, Path], ids: torch.Tensor
 ) -> None:
@@ -201,9 +218,11 @@ def test_raw_module_paths_capture_that_module_output(
     inner = "model.layers.1.mlp.down_proj" if family == "llama" else "transformer.h.1.attn.c_proj"
     embed = "model.embed_tokens" if family == "llama" else "transformer.wte"
     specs = resolve_sites(model, [inner, "lm_head", embed])
-    assert specs == [SiteSpec(inner, inner, "output", 1, 32), SiteSpec("lm_head", "lm_head", "output", N_LAYERS,
-                                                                         model.config.vocab_size),
-                     SiteSpec(embed, embed, "output", -1, 32)]
+    assert specs == [
+        SiteSpec(inner, inner, "output", 1, 32),
+        SiteSpec("lm_head", "lm_head", "output", N_LAYERS, model.config.vocab_size),
+        SiteSpec(embed, embed, "output", -1, 32),
+    ]
     with Capture(model, specs, loss=False) as cap:
         result = cap(ids)
     with recorded_outputs(model, [inner, "lm_head", embed]) as hooked:
@@ -215,9 +234,11 @@ def test_raw_module_paths_capture_that_module_output(
 def test_unknown_site_lists_the_valid_sites_in_one_line(tiny: dict[str, PreTrainedModel]) -> None:
     with pytest.raises(UserError) as err:
         resolve_sites(tiny["llama"], ["blocks.99.hook_resid_post"])
-    assert str(err.value) == ("unknown site 'blocks.99.hook_resid_post' for llama with 3 layers: valid sites are "
-                              "blocks.0-2.hook_{resid_pre,resid_post,attn_out,mlp_out} or a module path such as "
-                              "model.layers.2.mlp")
+    assert str(err.value) == (
+        "unknown site 'blocks.99.hook_resid_post' for llama with 3 layers: valid sites are "
+        "blocks.0-2.hook_{resid_pre,resid_post,attn_out,mlp_out} or a module path such as "
+        "model.layers.2.mlp"
+    )
     with pytest.raises(UserError, match=r"^site 'blocks.0.hook_mlp_out' is listed twice"):
         resolve_sites(tiny["llama"], ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out", "blocks.0.hook_mlp_out"])
     for bad in ["model.layers.1.nonexistent", "", "blocks.1.hook_resid_mid"]:
@@ -272,8 +293,13 @@ def test_first_nonfinite_points_at_the_first_bad_row(tiny_dirs: dict[str, Path])
     assert first_nonfinite(result) == ("blocks.0.hook_resid_pre", 13)
     # Site order decides: the later layer is already non-finite in row 9 (masked attention weights of 0 times an
     # inf value give NaN), and it comes first here.
-    result = CaptureResult({"blocks.1.hook_resid_post": result.acts["blocks.1.hook_resid_post"],
-                            "blocks.0.hook_resid_pre": result.acts["blocks.0.hook_resid_pre"]}, None)
+    result = CaptureResult(
+        {
+            "blocks.1.hook_resid_post": result.acts["blocks.1.hook_resid_post"],
+            "blocks.0.hook_resid_pre": result.acts["blocks.0.hook_resid_pre"],
+        },
+        None,
+    )
     assert first_nonfinite(result) == ("blocks.1.hook_resid_post", 9)
 
 
@@ -312,25 +338,30 @@ def test_embedded_smollm2_sites_match_hf(smollm2: PreTrainedModel) -> None:
     assert model.config.model_type == "llama" and n_layers(model) == 30
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
     layers = (0, 14, 29)
-    names = [f"blocks.{layer}.hook_{hook}" for layer in layers for hook in ("resid_pre", "resid_post", "attn_out",
-                                                                             "mlp_out")]
+    names = [
+        f"blocks.{layer}.hook_{hook}" for layer in layers for hook in ("resid_pre", "resid_post", "attn_out", "mlp_out")
+    ]
     result = capture(model, names, ids, loss=True)
     hooked_paths = [p for layer in layers for p in branch_paths("llama", layer)] + ["model.layers.29"]
     with recorded_outputs(model, hooked_paths) as hooked:
         out = reference(model, ids)
     for layer in layers:
-        acts = {hook: result.acts[f"blocks.{layer}.hook_{hook}"] for hook in ("resid_pre", "resid_post", "attn_out",
-                                                                              "mlp_out")}
+        acts = {
+            hook: result.acts[f"blocks.{layer}.hook_{hook}"]
+            for hook in ("resid_pre", "resid_post", "attn_out", "mlp_out")
+        }
         assert torch.equal(acts["resid_pre"], flat(out.hidden_states[layer]))
         post = hooked["model.layers.29"][0] if layer == 29 else out.hidden_states[layer + 1]
         assert torch.equal(acts["resid_post"], flat(post))
         attn, mlp = branch_paths("llama", layer)
         assert torch.equal(acts["attn_out"], flat(hooked[attn][0]))
         assert torch.equal(acts["mlp_out"], flat(hooked[mlp][0]))
-        torch.testing.assert_close(acts["resid_pre"] + acts["attn_out"] + acts["mlp_out"], acts["resid_post"],
-                                   rtol=1e-5, atol=1e-4)
-    expected = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
-                               ids[:, 1:].reshape(-1), reduction="none")
+        torch.testing.assert_close(
+            acts["resid_pre"] + acts["attn_out"] + acts["mlp_out"], acts["resid_post"], rtol=1e-5, atol=1e-4
+        )
+    expected = F.cross_entropy(
+        out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     assert result.loss is not None and result.loss.view(2, 12)[:, -1].isnan().all()
     torch.testing.assert_close(result.loss.view(2, 12)[:, :-1].reshape(-1), expected)
 
@@ -339,5 +370,6 @@ def test_embedded_smollm2_early_stop(smollm2: PreTrainedModel) -> None:
     ids = torch.randint(0, smollm2.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     with recorded_outputs(smollm2, ["model.layers.6", "model.layers.5"]) as hooked:
         result = capture(smollm2, ["blocks.5.hook_resid_post"], ids)
-    assert hooked["model.layers.6"] == [] and torch.equal(result.acts["blocks.5.hook_resid_post"],
-                                                          flat(hooked["model.layers.5"][0]))
+    assert hooked["model.layers.6"] == [] and torch.equal(
+        result.acts["blocks.5.hook_resid_post"], flat(hooked["model.layers.5"][0])
+    )

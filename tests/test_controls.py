@@ -33,13 +33,23 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tied = base / "llama-tied"
     tokenizer = tiny_tokenizer()
     special = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), bos_token_id=special, eos_token_id=special,
-                                  tie_word_embeddings=True, **FAMILY_CONFIGS["llama"])
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        bos_token_id=special,
+        eos_token_id=special,
+        tie_word_embeddings=True,
+        **FAMILY_CONFIGS["llama"],
+    )
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(config).save_pretrained(tied)
     tokenizer.save_pretrained(tied)
-    return {"llama": build_tiny_model("llama", base / "llama"), "gpt2": build_tiny_model("gpt2", base / "gpt2"),
-            "tied": tied, "base": base}
+    return {
+        "llama": build_tiny_model("llama", base / "llama"),
+        "gpt2": build_tiny_model("gpt2", base / "gpt2"),
+        "tied": tied,
+        "base": base,
+    }
 
 
 def weights(directory: Path, control: ModelControl | None = None, dtype: str = "auto") -> dict[str, torch.Tensor]:
@@ -62,14 +72,22 @@ def test_ids_without_a_control_are_unchanged_and_a_control_changes_them() -> Non
     # These strings were computed before ModelConfig had a control field.
     base = HarvestConfig(corpus_id="corpus-x", sites=("blocks.6.hook_resid_post",))
     assert base.harvest_id() == "harvest-smollm2-135m-L6-40d19fdf"
-    other = HarvestConfig(corpus_id="corpus-x", model=ModelConfig(name="org/m", dtype="float32"),
-                          sites=("blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre"), loss=True)
+    other = HarvestConfig(
+        corpus_id="corpus-x",
+        model=ModelConfig(name="org/m", dtype="float32"),
+        sites=("blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre"),
+        loss=True,
+    )
     assert other.harvest_id() == "harvest-m-L0-1-1b2bb291"
     assert "control" not in base.model_dump(mode="json")["model"]
 
     ids = {base.harvest_id()}
-    for control in [*CONTROLS, ModelControl(kind="reinit", seed=1), ModelControl(kind="perturb", scale=0.1),
-                    ModelControl(kind="reinit", keep_embeddings=True)]:
+    for control in [
+        *CONTROLS,
+        ModelControl(kind="reinit", seed=1),
+        ModelControl(kind="perturb", scale=0.1),
+        ModelControl(kind="reinit", keep_embeddings=True),
+    ]:
         config = base.model_copy(update={"model": ModelConfig(control=control)})
         ids.add(config.harvest_id())
         assert HarvestConfig.model_validate(config.model_dump(mode="json")) == config
@@ -77,17 +95,22 @@ def test_ids_without_a_control_are_unchanged_and_a_control_changes_them() -> Non
     model = ModelConfig(control=ModelControl(kind="reinit"))
     assert model.short_name() == "smollm2-135m-reinit-s0"
     assert base.model_copy(update={"model": model}).harvest_id().startswith("harvest-smollm2-135m-reinit-s0-L6-")
-    assert ModelConfig(control=ModelControl(kind="perturb", scale=0.05, seed=2)).short_name() == \
-        "smollm2-135m-perturb-0-05-s2"
+    assert (
+        ModelConfig(control=ModelControl(kind="perturb", scale=0.05, seed=2)).short_name()
+        == "smollm2-135m-perturb-0-05-s2"
+    )
     assert model.label() == "smollm2-135m+reinit-s0" and ModelConfig().label() == "smollm2-135m"
 
 
-@pytest.mark.parametrize(("fields", "needle"), [
-    ({"kind": "perturb"}, "--control-scale 0.05"),
-    ({"kind": "perturb", "scale": 0.0}, "scale > 0"),
-    ({"kind": "perturb", "scale": -1.0}, "scale > 0"),
-    ({"kind": "reinit", "scale": 0.1}, "drop --control-scale"),
-])
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"kind": "perturb"}, "--control-scale 0.05"),
+        ({"kind": "perturb", "scale": 0.0}, "scale > 0"),
+        ({"kind": "perturb", "scale": -1.0}, "scale > 0"),
+        ({"kind": "reinit", "scale": 0.1}, "drop --control-scale"),
+    ],
+)
 def test_bad_control_scale_is_a_one_line_user_error(fields: dict, needle: str) -> None:
     with pytest.raises(UserError, match=needle) as info:
         ModelControl(**fields)
@@ -188,8 +211,11 @@ def test_perturb_is_close_at_the_given_scale(models: dict) -> None:
                 assert abs(relative / scale - 1) < 0.1, (name, relative)
 
 
-@pytest.mark.parametrize("control", [*CONTROLS, ModelControl(kind="reinit", keep_embeddings=True)],
-                         ids=["reinit", "permute", "perturb", "reinit-keepemb"])
+@pytest.mark.parametrize(
+    "control",
+    [*CONTROLS, ModelControl(kind="reinit", keep_embeddings=True)],
+    ids=["reinit", "permute", "perturb", "reinit-keepemb"],
+)
 def test_tied_embeddings_stay_tied(models: dict, control: ModelControl) -> None:
     trained = load_model(ModelConfig(name=str(models["tied"])), CPU)
     model = load_model(ModelConfig(name=str(models["tied"]), control=control), CPU)
@@ -216,16 +242,30 @@ def test_keep_embeddings_changes_everything_else(models: dict) -> None:
 def test_harvest_of_a_control_stores_the_controls_activations(models: dict) -> None:
     base = models["base"]
     root = base / "store"
-    corpus = ingest(str(root), CorpusConfig(source="text", paths=(str(write_text_corpus(base / "docs", 8)),),
-                                            tokenizer=ModelConfig(name=str(models["llama"])), ctx_len=16,
-                                            max_tokens=256))
+    corpus = ingest(
+        str(root),
+        CorpusConfig(
+            source="text",
+            paths=(str(write_text_corpus(base / "docs", 8)),),
+            tokenizer=ModelConfig(name=str(models["llama"])),
+            ctx_len=16,
+            max_tokens=256,
+        ),
+    )
     site = "blocks.1.hook_resid_post"
     runtime = HarvestRuntime(progress=False, device="cpu")
     manifests = {}
-    for name, control in (("trained", None), ("reinit", ModelControl(kind="reinit")),
-                          ("perturb", ModelControl(kind="perturb", scale=0.05))):
-        config = HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(models["llama"]), control=control),
-                               sites=(site,), batch_windows=4)
+    for name, control in (
+        ("trained", None),
+        ("reinit", ModelControl(kind="reinit")),
+        ("perturb", ModelControl(kind="perturb", scale=0.05)),
+    ):
+        config = HarvestConfig(
+            corpus_id=corpus.id,
+            model=ModelConfig(name=str(models["llama"]), control=control),
+            sites=(site,),
+            batch_windows=4,
+        )
         manifests[name] = harvest(str(root), config, runtime)
     store = Store(root)
     assert len({m.id for m in manifests.values()}) == 3

@@ -76,8 +76,11 @@ class Raw:
     def window(self, feature: int, tok: int, context: int) -> list[tuple[int, int, float]]:
         """(offset, token id, this feature's value) of the tokens within `context` in the same window."""
         seq = tok // CTX_LEN
-        return [(t - tok, int(self.token_ids[t]), self.values.get((feature, t), 0.0))
-                for t in range(tok - context, tok + context + 1) if 0 <= t < N_TOKENS and t // CTX_LEN == seq]
+        return [
+            (t - tok, int(self.token_ids[t]), self.values.get((feature, t), 0.0))
+            for t in range(tok - context, tok + context + 1)
+            if 0 <= t < N_TOKENS and t // CTX_LEN == seq
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +107,9 @@ def data(synthetic: tuple[Raw, FeatureQueries]) -> FeatureData:
     return gather(synthetic[1], CTX_LEN, OPTIONS, workers=2)
 
 
-def test_top_examples_are_each_features_highest_activations(synthetic: tuple[Raw, FeatureQueries],
-                                                            data: FeatureData) -> None:
+def test_top_examples_are_each_features_highest_activations(
+    synthetic: tuple[Raw, FeatureQueries], data: FeatureData
+) -> None:
     raw, _ = synthetic
     top = data.examples.filter(pl.col("section") == 0)
     for feature in range(D_SAE):
@@ -116,8 +120,9 @@ def test_top_examples_are_each_features_highest_activations(synthetic: tuple[Raw
         assert mine["rank"].to_list() == list(range(len(mine)))
 
 
-def test_quantile_examples_are_spread_over_each_bucket_of_ranks(synthetic: tuple[Raw, FeatureQueries],
-                                                                data: FeatureData) -> None:
+def test_quantile_examples_are_spread_over_each_bucket_of_ranks(
+    synthetic: tuple[Raw, FeatureQueries], data: FeatureData
+) -> None:
     raw, _ = synthetic
     picks = data.examples.filter(pl.col("section") == 1)
     edges = OPTIONS.quantiles
@@ -177,8 +182,9 @@ def test_histograms_match_numpy(synthetic: tuple[Raw, FeatureQueries], data: Fea
         assert tuple(data.histogram_range[feature]) == (lo, hi)
 
 
-def test_cooccurrence_counts_features_firing_on_the_top_examples(synthetic: tuple[Raw, FeatureQueries],
-                                                                 data: FeatureData) -> None:
+def test_cooccurrence_counts_features_firing_on_the_top_examples(
+    synthetic: tuple[Raw, FeatureQueries], data: FeatureData
+) -> None:
     raw, _ = synthetic
     for feature in range(D_SAE):
         toks, _ = raw.of(feature)
@@ -229,11 +235,16 @@ class Examples(HTMLParser):
             self.current["tokens"][-1]["text"] += text
 
 
-def test_site_has_a_page_per_live_feature_with_its_examples(tmp_path: Path, synthetic: tuple[Raw, FeatureQueries],
-                                                            data: FeatureData) -> None:
+def test_site_has_a_page_per_live_feature_with_its_examples(
+    tmp_path: Path, synthetic: tuple[Raw, FeatureQueries], data: FeatureData
+) -> None:
     raw, _ = synthetic
-    logits = LogitTokens(np.tile(np.arange(3), (D_SAE, 1)), np.ones((D_SAE, 3)), np.tile(np.arange(3, 6), (D_SAE, 1)),
-                         -np.ones((D_SAE, 3)))
+    logits = LogitTokens(
+        np.tile(np.arange(3), (D_SAE, 1)),
+        np.ones((D_SAE, 3)),
+        np.tile(np.arange(3, 6), (D_SAE, 1)),
+        -np.ones((D_SAE, 3)),
+    )
     info = SiteInfo("synthetic", {"SAE": "s"}, {"fvu": 0.25}, "fixture", [])
     pages = write_site(tmp_path, data, decode, info, logits, workers=2)
     live = sorted({int(f) for f in raw.feature})
@@ -267,8 +278,15 @@ def test_an_sae_whose_features_never_fire_gets_an_index_of_dead_features(tmp_pat
         writer.finish()
     tok = np.arange(CTX_LEN)
     split = pa.DictionaryArray.from_arrays(pa.array(np.zeros(CTX_LEN, np.int8)), list(SPLITS))
-    write_token_table(tmp_path / "tokens", [pa.RecordBatch.from_arrays(
-        [tok, tok, tok // CTX_LEN, tok.astype(np.int32), np.zeros(CTX_LEN, np.int32), split], schema=TOKEN_SCHEMA)])
+    write_token_table(
+        tmp_path / "tokens",
+        [
+            pa.RecordBatch.from_arrays(
+                [tok, tok, tok // CTX_LEN, tok.astype(np.int32), np.zeros(CTX_LEN, np.int32), split],
+                schema=TOKEN_SCHEMA,
+            )
+        ],
+    )
     data = gather(FeatureQueries(tmp_path / "features", tokens=scan_tokens(tmp_path / "tokens")), CTX_LEN, OPTIONS)
     assert data.examples.is_empty() and data.windows.is_empty() and data.cooccurrence.is_empty()
     assert write_site(tmp_path / "site", data, decode, SiteInfo("dead", {}, {}, "", [])) == 0
@@ -332,23 +350,41 @@ LAW = {"E": 0.05, "A": 4.0, "alpha": 0.6}
 
 def _manifest(directory: Path, kind: str, object_id: str, **fields: object) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    write_manifest(directory, Manifest(kind=kind, id=object_id, config={}, code_version="fixture",
-                                       created="2026-01-01T00:00:00+00:00", **fields))  # type: ignore[arg-type]
+    write_manifest(
+        directory,
+        Manifest(
+            kind=kind, id=object_id, config={}, code_version="fixture", created="2026-01-01T00:00:00+00:00", **fields
+        ),
+    )  # type: ignore[arg-type]
 
 
 def _table(path: Path, rows: dict[str, list], schema: pa.Schema) -> None:
-    frame = pl.from_arrow(pa.table({f.name: pa.array(rows.get(f.name, [None] * len(next(iter(rows.values())))),
-                                                      f.type) for f in schema}, schema=schema))
+    frame = pl.from_arrow(
+        pa.table(
+            {f.name: pa.array(rows.get(f.name, [None] * len(next(iter(rows.values())))), f.type) for f in schema},
+            schema=schema,
+        )
+    )
     frame.write_parquet(path)  # type: ignore[union-attr]
 
 
 def _fixture_store(root: Path, with_results: bool) -> Store:
     store = Store(root)
     holdout = {"l0": 20.0, "explained_variance": 0.8, "fvu": 0.2, "tokens": 100, "dead": 3}
-    _manifest(store.sae_dir(SAE), "sae", SAE, counts={"d_in": 4, "d_sae": 8},
-              extra={"eval_holdout": holdout, "harvest_id": HARVEST})
-    _manifest(store.sae_dir("sae-fixture-b"), "sae", "sae-fixture-b", counts={"d_in": 4, "d_sae": 16},
-              extra={"eval_holdout": {**holdout, "l0": 40.0, "explained_variance": 0.9}})
+    _manifest(
+        store.sae_dir(SAE),
+        "sae",
+        SAE,
+        counts={"d_in": 4, "d_sae": 8},
+        extra={"eval_holdout": holdout, "harvest_id": HARVEST},
+    )
+    _manifest(
+        store.sae_dir("sae-fixture-b"),
+        "sae",
+        "sae-fixture-b",
+        counts={"d_in": 4, "d_sae": 16},
+        extra={"eval_holdout": {**holdout, "l0": 40.0, "explained_variance": 0.9}},
+    )
     if not with_results:
         return store
     widths = [8, 16, 64, 256, 1024]
@@ -357,28 +393,73 @@ def _fixture_store(root: Path, with_results: bool) -> Store:
         directory = store.eval_dir(eval_id)
         _manifest(directory, "eval", eval_id)
         fvu = LAW["E"] + LAW["A"] / width ** LAW["alpha"]
-        _table(directory / "summary.parquet",
-               {"eval_id": [eval_id], "sae_id": [sae_id], "harvest_id": [HARVEST], "site": [SITE], "split": ["holdout"],
-                "d_sae": [width], "tokens": [500], "l0": [10.0 + i], "fvu": [fvu], "explained_variance": [1 - fvu],
-                "mse": [0.5], "dead": [i], "ce_recovered_zero": [0.9]}, EVAL_SUMMARY_SCHEMA)
+        _table(
+            directory / "summary.parquet",
+            {
+                "eval_id": [eval_id],
+                "sae_id": [sae_id],
+                "harvest_id": [HARVEST],
+                "site": [SITE],
+                "split": ["holdout"],
+                "d_sae": [width],
+                "tokens": [500],
+                "l0": [10.0 + i],
+                "fvu": [fvu],
+                "explained_variance": [1 - fvu],
+                "mse": [0.5],
+                "dead": [i],
+                "ce_recovered_zero": [0.9],
+            },
+            EVAL_SUMMARY_SCHEMA,
+        )
     per_token = store.eval_dir("eval-fixture-0") / "per_token.parquet"
-    _table(per_token, {"tok": list(range(6)), "pos": [0, 1, 2, 3, 4, 5],
-                       "sq_error": [400.0, 8.0, 4.0, 16.0, 12.0, 20.0], "l0": [30.0, 8.0, 9.0, 10.0, 12.0, 7.0],
-                       "excluded": [True, False, False, False, False, False]}, PER_TOKEN_SCHEMA)
+    _table(
+        per_token,
+        {
+            "tok": list(range(6)),
+            "pos": [0, 1, 2, 3, 4, 5],
+            "sq_error": [400.0, 8.0, 4.0, 16.0, 12.0, 20.0],
+            "l0": [30.0, 8.0, 9.0, 10.0, 12.0, 7.0],
+            "excluded": [True, False, False, False, False, False],
+        },
+        PER_TOKEN_SCHEMA,
+    )
     transfer = store.transfer_dir("transfer-fixture")
     _manifest(transfer, "transfer", "transfer-fixture")
-    _table(transfer / "summary.parquet", {"transfer_id": ["transfer-fixture"], "harvest_a": [HARVEST],
-                                          "harvest_b": ["harvest-other"], "site": [SITE], "tokens": [100]},
-           TRANSFER_SUMMARY_SCHEMA)
-    _table(transfer / "histograms.parquet",
-           {"site": [SITE] * 4 + ["blocks.9.hook_resid_post"],
+    _table(
+        transfer / "summary.parquet",
+        {
+            "transfer_id": ["transfer-fixture"],
+            "harvest_a": [HARVEST],
+            "harvest_b": ["harvest-other"],
+            "site": [SITE],
+            "tokens": [100],
+        },
+        TRANSFER_SUMMARY_SCHEMA,
+    )
+    _table(
+        transfer / "histograms.parquet",
+        {
+            "site": [SITE] * 4 + ["blocks.9.hook_resid_post"],
             "measure": ["cosine", "cosine", "euclid", "euclid", "cosine"],
-            "lo": [0.0, 0.5, 0.0, 1.0, 0.0], "hi": [0.5, 1.0, 1.0, 2.0, 1.0], "count": [10, 90, 60, 40, 7]},
-           HISTOGRAM_SCHEMA)
-    _table(transfer / "feature_transfer.parquet",
-           {"sae_id": [SAE, SAE, "sae-other"], "feature": [0, 3, 0], "density_a": [0.1, 0.2, 0.3],
-            "density_b": [0.1, 0.15, 0.3], "act_corr": [0.9, 0.4, 0.1], "logit_cos": [None, 0.5, 0.2]},
-           FEATURE_TRANSFER_SCHEMA)
+            "lo": [0.0, 0.5, 0.0, 1.0, 0.0],
+            "hi": [0.5, 1.0, 1.0, 2.0, 1.0],
+            "count": [10, 90, 60, 40, 7],
+        },
+        HISTOGRAM_SCHEMA,
+    )
+    _table(
+        transfer / "feature_transfer.parquet",
+        {
+            "sae_id": [SAE, SAE, "sae-other"],
+            "feature": [0, 3, 0],
+            "density_a": [0.1, 0.2, 0.3],
+            "density_b": [0.1, 0.15, 0.3],
+            "act_corr": [0.9, 0.4, 0.1],
+            "logit_cos": [None, 0.5, 0.2],
+        },
+        FEATURE_TRANSFER_SCHEMA,
+    )
     return store
 
 
@@ -391,7 +472,8 @@ def test_results_are_read_from_the_evaluation_and_transfer_files(tmp_path: Path)
     # one point per evaluation, plus sae-fixture-b from its training manifest (it has no evaluation)
     points = results.saes.sort("sae_id")
     assert len(points) == 6 and points.filter(pl.col("source") == "training holdout")["sae_id"].to_list() == [
-        "sae-fixture-b"]
+        "sae-fixture-b"
+    ]
     # per-token MSE = squared error / d_in, excluded tokens left out
     assert results.per_token is not None
     assert sorted(results.per_token["mse"].to_list()) == [1.0, 2.0, 3.0, 4.0, 5.0]
@@ -406,8 +488,13 @@ def test_results_are_read_from_the_evaluation_and_transfer_files(tmp_path: Path)
         assert params[name] == pytest.approx(value, rel=1e-3)
 
     plots = write_plots(tmp_path / "site", results, SAE, np.array([0.0, 0.01, 0.1, 0.001]))
-    assert [p.file for p in plots] == ["plots/l0_vs_explained_variance.png", "plots/density.png",
-                                       "plots/mse_vs_l0.png", "plots/transfer.png", "plots/width_scaling.png"]
+    assert [p.file for p in plots] == [
+        "plots/l0_vs_explained_variance.png",
+        "plots/density.png",
+        "plots/mse_vs_l0.png",
+        "plots/transfer.png",
+        "plots/width_scaling.png",
+    ]
     for plot in plots:
         image = imread(tmp_path / "site" / plot.file)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
@@ -420,7 +507,11 @@ def test_missing_results_are_skipped(tmp_path: Path) -> None:
     assert results.headline_source == "holdout evaluation at the end of training"
     assert results.headline == {"tokens": 100, "l0": 20.0, "explained_variance": 0.8, "fvu": 0.2, "dead": 3}
     assert (results.per_token, results.transfer_histograms, results.per_feature, results.width_fit) == (
-        None, None, None, None)
+        None,
+        None,
+        None,
+        None,
+    )
     assert sorted(results.saes["sae_id"].to_list()) == [SAE, "sae-fixture-b"]
     plots = write_plots(tmp_path / "site", results, SAE, np.array([0.0, 0.01]))
     assert [p.file for p in plots] == ["plots/l0_vs_explained_variance.png", "plots/density.png"]
@@ -429,12 +520,17 @@ def test_missing_results_are_skipped(tmp_path: Path) -> None:
 
 def test_attribution_columns_come_from_an_attribution_of_the_same_site(tmp_path: Path) -> None:
     store = _fixture_store(tmp_path / "store", with_results=False)
-    for harvest_id, site, total in (("harvest-grad-other-site", "blocks.9.hook_resid_post", [9.0, 9.0]),
-                                    ("harvest-grad", SITE, [-1.5, 2.0])):
+    for harvest_id, site, total in (
+        ("harvest-grad-other-site", "blocks.9.hook_resid_post", [9.0, 9.0]),
+        ("harvest-grad", SITE, [-1.5, 2.0]),
+    ):
         directory = store.features_dir(SAE, harvest_id) / ATTRIBUTION_DIR
         _manifest(directory, "attribution", f"{SAE}/{harvest_id}", extra={"site": site})
-        _table(directory / PER_FEATURE_NAME, {"feature": [0, 3], "count": [4, 2], "attribution_sum": total,
-                                              "attribution_abs_mean": [0.5, 1.0]}, ATTRIBUTION_PER_FEATURE_SCHEMA)
+        _table(
+            directory / PER_FEATURE_NAME,
+            {"feature": [0, 3], "count": [4, 2], "attribution_sum": total, "attribution_abs_mean": [0.5, 1.0]},
+            ATTRIBUTION_PER_FEATURE_SCHEMA,
+        )
     per_feature = gather_results(store, SAE, HARVEST, SITE).per_feature
     assert per_feature is not None
     assert per_feature.sort("feature").rows() == [(0, -1.5, 0.5), (3, 2.0, 1.0)]

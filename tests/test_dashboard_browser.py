@@ -54,14 +54,28 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     model = ModelConfig()
     corpus = ingest(root, CorpusConfig(source="pydocs", tokenizer=model, ctx_len=128, max_tokens=8192))
     site = f"blocks.{n_layers(cached_model(model, 'cpu')) // 2}.hook_resid_post"
-    harvested = harvest(root, HarvestConfig(corpus_id=corpus.id, model=model, sites=(site,)),
-                        HarvestRuntime(device="cpu", progress=False))
-    config = TrainConfig(architecture="topk", expansion_factor=4, k=32, total_tokens=4096 * 8, batch_size=4096,
-                         lr=1e-3, warmup_steps=10, device="cpu")
+    harvested = harvest(
+        root,
+        HarvestConfig(corpus_id=corpus.id, model=model, sites=(site,)),
+        HarvestRuntime(device="cpu", progress=False),
+    )
+    config = TrainConfig(
+        architecture="topk",
+        expansion_factor=4,
+        k=32,
+        total_tokens=4096 * 8,
+        batch_size=4096,
+        lr=1e-3,
+        warmup_steps=10,
+        device="cpu",
+    )
     sae = train(root, TrainRun(harvest_id=harvested.id, site=site, train=config, checkpoint_every=25), progress=False)
     encode(root, sae.id, harvested.id, site, runtime=EncodeRuntime(device="cpu", progress=False))
-    evaluate(root, EvalConfig(sae_id=sae.id, harvest_id=harvested.id, site=site, ce_tokens=0),
-             EvalRuntime(device="cpu", progress=False))
+    evaluate(
+        root,
+        EvalConfig(sae_id=sae.id, harvest_id=harvested.id, site=site, ce_tokens=0),
+        EvalRuntime(device="cpu", progress=False),
+    )
     built = dashboard(root, sae.id, harvested.id)
     summary = Store(root).features(sae.id, harvested.id).summary.collect()
     return Demo(Path(root), sae.id, harvested.id, built, summary)
@@ -87,9 +101,12 @@ def session(browser: Browser) -> Iterator[Session]:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     requests: list[str] = []
     context.on("request", lambda request: requests.append(request.url))
-    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file://",
-                                                                                           "http://127.0.0.1:"))
-                  else route.abort())
+    context.route(
+        "**/*",
+        lambda route: (
+            route.continue_() if route.request.url.startswith(("file://", "http://127.0.0.1:")) else route.abort()
+        ),
+    )
     yield Session(context.new_page(), requests)
     context.close()
 
@@ -128,7 +145,10 @@ def test_index_lists_every_feature_sorts_and_filters(demo: Demo, session: Sessio
     assert page.locator("#dead").count() == (1 if dead else 0)
     # the evaluation's plots are there: L0 vs explained variance, density, per-token MSE vs L0
     assert [img.get_attribute("alt") for img in page.locator("#plots img").all()] == [
-        "L0 vs explained variance of the SAEs in the store", "feature density", "per-token MSE vs L0"]
+        "L0 vs explained variance of the SAEs in the store",
+        "feature density",
+        "per-token MSE vs L0",
+    ]
     assert (page.locator("#headline caption").text_content() or "").startswith("evaluation eval-")
     assert all(page.eval_on_selector_all("#plots img", "imgs => imgs.map(i => i.naturalWidth > 0)"))
 
@@ -154,8 +174,10 @@ def test_index_lists_every_feature_sorts_and_filters(demo: Demo, session: Sessio
         page.click("#next")
         assert page.locator("#range").text_content() == f"{page_rows + 1}–{min(2 * page_rows, expected)}"
         first_shown = page.locator("#features tbody tr:not([hidden]) td").first.text_content()
-        assert first_shown == page.locator("#features tbody tr:not([data-out])").nth(page_rows).locator(
-            "td").first.text_content()
+        assert (
+            first_shown
+            == page.locator("#features tbody tr:not([data-out])").nth(page_rows).locator("td").first.text_content()
+        )
         page.click("#previous")
     page.evaluate("window.scrollTo(0, 0)")
     save_screenshot(page, tmp_path, "index.png")
@@ -249,8 +271,14 @@ def test_rerun_replaces_the_dashboard_and_refuses_other_directories(demo: Demo, 
     feature = int(demo.summary.filter(pl.col("count") >= 100)["feature"][0])
     top_section = (first / "features" / f"{feature}.html").read_text().split('<section id="quantiles">')[0]
     assert top_section.count('<div class="ex">') == 20
-    again = dashboard(str(demo.root), demo.sae_id, demo.harvest_id, out=str(out), logits=False,
-                      options=DashboardOptions(top_k=3, per_bucket=1))
+    again = dashboard(
+        str(demo.root),
+        demo.sae_id,
+        demo.harvest_id,
+        out=str(out),
+        logits=False,
+        options=DashboardOptions(top_k=3, per_bucket=1),
+    )
     page = (again / "features" / f"{feature}.html").read_text()
     assert again == first and (again / RECORD_NAME).is_file()
     assert page.count('<div class="ex">') == 3 + 4 and 'id="logits"' not in page  # 3 top, 1 from each bucket

@@ -162,8 +162,9 @@ def test_streaming_median_samples_independently_of_batching() -> None:
     assert_one_line_user_error(err, "saw no activations")
 
 
-def probe_accuracies(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                     seed: int) -> dict[str, float]:
+def probe_accuracies(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, seed: int
+) -> dict[str, float]:
     """Held-out probe accuracy before any edit and after each edit fitted on the training split only."""
     d = x_train.shape[1]
     dim = DiffInMeans(d)
@@ -176,8 +177,9 @@ def probe_accuracies(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch
         "random": directional_ablation(torch.randn(d, generator=torch.Generator().manual_seed(seed))),
         "leace": leace.eraser(),
     }
-    return {name: LinearProbe().fit(edit(x_train), y_train).accuracy(edit(x_test), y_test)
-            for name, edit in edits.items()}
+    return {
+        name: LinearProbe().fit(edit(x_train), y_train).accuracy(edit(x_test), y_test) for name, edit in edits.items()
+    }
 
 
 def assert_erased(acc: dict[str, float], chance: float) -> None:
@@ -215,10 +217,13 @@ def test_erasure_on_synthetic_linearly_encoded_label() -> None:
     assert edit.pow(2).sum(1).mean() < 0.9 * ablation_edit.pow(2).sum(1).mean()
 
 
-ANIMALS = ("cat dog horse cow sheep goat pig lion tiger bear wolf fox deer rabbit mouse eagle owl duck goose "
-           "frog").split()
-TOOLS = ("hammer saw drill wrench knife axe shovel rake chisel screwdriver pliers ladder rope nail bolt brush broom "
-         "bucket spade file").split()
+ANIMALS = (
+    "cat dog horse cow sheep goat pig lion tiger bear wolf fox deer rabbit mouse eagle owl duck goose frog"
+).split()
+TOOLS = (
+    "hammer saw drill wrench knife axe shovel rake chisel screwdriver pliers ladder rope nail bolt brush broom "
+    "bucket spade file"
+).split()
 
 
 def word_sequences(n_seq: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

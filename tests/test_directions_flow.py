@@ -28,16 +28,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("directions")
     model_dir = build_tiny_model("llama", base / "llama")
     root = base / "store"
-    corpus = ingest(str(root), CorpusConfig(source="text", paths=(str(write_text_corpus(base / "docs", 30)),),
-                                            tokenizer=ModelConfig(name=str(model_dir)), ctx_len=16, max_tokens=1600,
-                                            holdout_fraction=0.2))
-    config = HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)), sites=(SITE, LATER),
-                           batch_windows=5)
+    corpus = ingest(
+        str(root),
+        CorpusConfig(
+            source="text",
+            paths=(str(write_text_corpus(base / "docs", 30)),),
+            tokenizer=ModelConfig(name=str(model_dir)),
+            ctx_len=16,
+            max_tokens=1600,
+            holdout_fraction=0.2,
+        ),
+    )
+    config = HarvestConfig(
+        corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)), sites=(SITE, LATER), batch_windows=5
+    )
     made = harvest(str(root), config, RUNTIME)
-    made_direction = direction(str(root), DirectionConfig(harvest_id=made.id, site=SITE, positive="pos < 8 AND pos > 0",
-                                                          negative="pos >= 8"))
-    return {"root": root, "corpus": corpus.id, "config": config, "harvest": made.id,
-            "direction": made_direction.id}
+    made_direction = direction(
+        str(root), DirectionConfig(harvest_id=made.id, site=SITE, positive="pos < 8 AND pos > 0", negative="pos >= 8")
+    )
+    return {"root": root, "corpus": corpus.id, "config": config, "harvest": made.id, "direction": made_direction.id}
 
 
 def test_direction_is_the_difference_of_numpy_means(world: dict) -> None:
@@ -78,8 +87,9 @@ def test_ablation_and_addition_harvests_store_the_intervened_activations(world: 
     add = Intervention(kind="add", direction_id=world["direction"], sites=(SITE,), alpha=2.5)
     added = harvest(root, world["config"].model_copy(update={"interventions": (add,)}), RUNTIME)
     assert len({added.id, ablated.id, world["harvest"]}) == 3
-    np.testing.assert_allclose(np.asarray(store.activations(added.id, SITE)[:], dtype=np.float64),
-                               base_x + 2.5 * r, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(store.activations(added.id, SITE)[:], dtype=np.float64), base_x + 2.5 * r, atol=1e-4
+    )
 
 
 def test_bad_directions_and_interventions_are_one_line(world: dict, tmp_path: Path) -> None:
@@ -87,14 +97,66 @@ def test_bad_directions_and_interventions_are_one_line(world: dict, tmp_path: Pa
     before = snapshot(root)
     common = ("--store", str(root))
     cases = [
-        (("direction", *common, "--harvest", world["harvest"], "--site", SITE, "--positive", "pos > 100",
-          "--negative", "pos < 3"), "selects no"),
-        (("direction", *common, "--harvest", world["harvest"], "--site", SITE, "--positive", "pos < 5",
-          "--negative", "pos < 9"), "disjoint"),
-        (("harvest", *common, "--corpus", world["corpus"], "--site", SITE, "--ablate", "direction-missing-00000000@"
-          + SITE, "--no-progress", "--device", "cpu"), "direction-missing-00000000"),
-        (("harvest", *common, "--corpus", world["corpus"], "--site", SITE, "--add", world["direction"] + "@" + SITE,
-          "--no-progress"), "DIRECTION_ID@SITE[,SITE]:ALPHA"),
+        (
+            (
+                "direction",
+                *common,
+                "--harvest",
+                world["harvest"],
+                "--site",
+                SITE,
+                "--positive",
+                "pos > 100",
+                "--negative",
+                "pos < 3",
+            ),
+            "selects no",
+        ),
+        (
+            (
+                "direction",
+                *common,
+                "--harvest",
+                world["harvest"],
+                "--site",
+                SITE,
+                "--positive",
+                "pos < 5",
+                "--negative",
+                "pos < 9",
+            ),
+            "disjoint",
+        ),
+        (
+            (
+                "harvest",
+                *common,
+                "--corpus",
+                world["corpus"],
+                "--site",
+                SITE,
+                "--ablate",
+                "direction-missing-00000000@" + SITE,
+                "--no-progress",
+                "--device",
+                "cpu",
+            ),
+            "direction-missing-00000000",
+        ),
+        (
+            (
+                "harvest",
+                *common,
+                "--corpus",
+                world["corpus"],
+                "--site",
+                SITE,
+                "--add",
+                world["direction"] + "@" + SITE,
+                "--no-progress",
+            ),
+            "DIRECTION_ID@SITE[,SITE]:ALPHA",
+        ),
     ]
     for args, fragment in cases:
         result = cli(*args, check=False)
@@ -116,8 +178,11 @@ def test_an_evaluation_of_an_intervened_harvest_runs_the_intervened_model(world:
     config = world["config"].model_copy(update={"interventions": (ablate,), "loss": True})
     ablated = harvest(root, config, RUNTIME)
     sae_id = publish_sae(root, identity_sae(), source="identity").id
-    manifest = evaluate(root, EvalConfig(sae_id=sae_id, harvest_id=ablated.id, site=SITE, ce_tokens=60,
-                                         split="all"), EvalRuntime(device="cpu", progress=False))
+    manifest = evaluate(
+        root,
+        EvalConfig(sae_id=sae_id, harvest_id=ablated.id, site=SITE, ce_tokens=60, split="all"),
+        EvalRuntime(device="cpu", progress=False),
+    )
     per_token = store.eval_table(manifest.id, "per_token").collect().filter(pl.col("ce_clean").is_not_null())
     loss = np.asarray(store.activations(ablated.id, "loss")[:])
     assert len(per_token) >= 60

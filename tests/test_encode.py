@@ -33,9 +33,12 @@ D_SAE, K = 96, 6
 def random_topk_sae(d_in: int, seed: int, hook: str | None = SITE, model: str | None = None) -> SAE:
     g = torch.Generator().manual_seed(seed)
     cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=D_SAE, k=K, hook_name=hook, model_name=model)
-    weights = {"W_enc": torch.randn(d_in, D_SAE, generator=g) / d_in**0.5,
-               "W_dec": torch.randn(D_SAE, d_in, generator=g) / d_in**0.5,
-               "b_enc": torch.randn(D_SAE, generator=g) * 0.1, "b_dec": torch.randn(d_in, generator=g) * 0.1}
+    weights = {
+        "W_enc": torch.randn(d_in, D_SAE, generator=g) / d_in**0.5,
+        "W_dec": torch.randn(D_SAE, d_in, generator=g) / d_in**0.5,
+        "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
+        "b_dec": torch.randn(d_in, generator=g) * 0.1,
+    }
     return SAE(cfg, weights)
 
 
@@ -44,10 +47,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("encode")
     model_dir = build_tiny_model("llama", base / "llama")
     root = base / "store"
-    corpus = ingest(str(root), CorpusConfig(source="text", paths=(str(write_text_corpus(base / "docs", 30)),),
-                                            tokenizer=ModelConfig(name=str(model_dir)), ctx_len=16, max_tokens=1600))
-    config = HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)),
-                           sites=(SITE, "blocks.0.hook_mlp_out"), batch_windows=4)
+    corpus = ingest(
+        str(root),
+        CorpusConfig(
+            source="text",
+            paths=(str(write_text_corpus(base / "docs", 30)),),
+            tokenizer=ModelConfig(name=str(model_dir)),
+            ctx_len=16,
+            max_tokens=1600,
+        ),
+    )
+    config = HarvestConfig(
+        corpus_id=corpus.id,
+        model=ModelConfig(name=str(model_dir)),
+        sites=(SITE, "blocks.0.hook_mlp_out"),
+        batch_windows=4,
+    )
     manifest = harvest(str(root), config, HarvestRuntime(progress=False, device="cpu"))
     sae_dir = base / "sae"
     save(random_topk_sae(32, seed=3, model=str(model_dir)), sae_dir)
@@ -65,13 +80,19 @@ def numpy_topk_triples(x: np.ndarray, sae_dir: Path) -> pl.DataFrame:
     feats = top.ravel()
     vals = np.maximum(pre[rows, feats], 0)
     keep = vals > 0
-    return pl.DataFrame({"feature": feats[keep].astype(np.int32), "tok": rows[keep].astype(np.int64),
-                         "value": vals[keep].astype(np.float16).astype(np.float32)})
+    return pl.DataFrame(
+        {
+            "feature": feats[keep].astype(np.int32),
+            "tok": rows[keep].astype(np.int64),
+            "value": vals[keep].astype(np.float16).astype(np.float32),
+        }
+    )
 
 
 def test_encoded_triples_equal_independent_numpy(world: dict) -> None:
-    manifest = encode(str(world["root"]), str(world["sae_dir"]), world["harvest"], runtime=EncodeRuntime(
-        device="cpu", progress=False))
+    manifest = encode(
+        str(world["root"]), str(world["sae_dir"]), world["harvest"], runtime=EncodeRuntime(device="cpu", progress=False)
+    )
     sae_id, harvest_id = manifest.id.split("/")
     assert manifest.extra["site"] == SITE  # chosen from the SAE's recorded hook
     store = Store(world["root"])
@@ -104,8 +125,19 @@ def test_kill_and_resume_encode_is_bit_identical(world: dict) -> None:
     # a reference encode of a second SAE, then the same encode in a copy of the store that gets SIGKILLed
     sae_dir = base / "sae-kill"
     save(random_topk_sae(32, seed=4), sae_dir)
-    args = ["encode", "--sae", str(sae_dir), "--harvest", world["harvest"], "--site", SITE, "--no-progress",
-            "--batch-tokens", "16", "--json"]
+    args = [
+        "encode",
+        "--sae",
+        str(sae_dir),
+        "--harvest",
+        world["harvest"],
+        "--site",
+        SITE,
+        "--no-progress",
+        "--batch-tokens",
+        "16",
+        "--json",
+    ]
     ref = json.loads(cli("encode", "--store", str(reference_root), *args[1:]).stdout.splitlines()[-1])
     reference_dir = Path(ref["path"])
     root = base / "killed"
@@ -122,8 +154,11 @@ def test_kill_and_resume_encode_is_bit_identical(world: dict) -> None:
         if target is None:
             time.sleep(rng.uniform(0.5, 3.0))  # during start-up or the SAE import
         else:
-            while (len(list(spill.glob("*/*/_spill/chunk-*.npy"))) < target and proc.poll() is None
-                   and time.monotonic() < deadline):
+            while (
+                len(list(spill.glob("*/*/_spill/chunk-*.npy"))) < target
+                and proc.poll() is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.001)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -169,15 +204,27 @@ def test_bad_saes_and_inputs_leave_the_store_unchanged(world: dict) -> None:
         ((str(other_hook), world["harvest"], SITE), ("--allow-mismatch",)),
     ]
     for (sae, harvest_id, site), fragments in cases:
-        result = cli("encode", "--store", str(root), "--sae", sae, "--harvest", harvest_id, "--site", site,
-                     "--no-progress", check=False)
+        result = cli(
+            "encode",
+            "--store",
+            str(root),
+            "--sae",
+            sae,
+            "--harvest",
+            harvest_id,
+            "--site",
+            site,
+            "--no-progress",
+            check=False,
+        )
         refused(result, *fragments)
         assert snapshot(root) == before, sae
 
 
 def test_query_cli_prints_top_examples(world: dict) -> None:
-    manifest = encode(str(world["root"]), str(world["sae_dir"]), world["harvest"],
-                      runtime=EncodeRuntime(device="cpu", progress=False))
+    manifest = encode(
+        str(world["root"]), str(world["sae_dir"]), world["harvest"], runtime=EncodeRuntime(device="cpu", progress=False)
+    )
     sae_id = manifest.id.split("/")[0]
     common = ["query", "--store", str(world["root"]), "--sae", sae_id, "--harvest", world["harvest"]]
     rows = json.loads(cli(*common, "--json", "density").stdout.splitlines()[-1])["rows"]

@@ -38,17 +38,30 @@ RUNTIME = EvalRuntime(device="cpu", progress=False, ce_batch_windows=3)
 def topk_sae(seed: int, d_in: int = D, hook: str = SITE) -> SAE:
     g = torch.Generator().manual_seed(seed)
     cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=D_SAE, k=K, hook_name=hook)
-    return SAE(cfg, {"W_enc": torch.randn(d_in, D_SAE, generator=g) / d_in**0.5,
-                     "W_dec": torch.randn(D_SAE, d_in, generator=g) / d_in**0.5,
-                     "b_enc": torch.randn(D_SAE, generator=g) * 0.1, "b_dec": torch.randn(d_in, generator=g) * 0.1})
+    return SAE(
+        cfg,
+        {
+            "W_enc": torch.randn(d_in, D_SAE, generator=g) / d_in**0.5,
+            "W_dec": torch.randn(D_SAE, d_in, generator=g) / d_in**0.5,
+            "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
+            "b_dec": torch.randn(d_in, generator=g) * 0.1,
+        },
+    )
 
 
 def identity_sae() -> SAE:
     """ReLU SAE with W_enc = [I, -I], W_dec = [I; -I]: relu(x) - relu(-x) = x, a perfect reconstruction."""
     eye = torch.eye(D)
     cfg = SAEConfig(architecture="standard", d_in=D, d_sae=2 * D, hook_name=SITE)
-    return SAE(cfg, {"W_enc": torch.cat([eye, -eye], dim=1), "W_dec": torch.cat([eye, -eye], dim=0),
-                     "b_enc": torch.zeros(2 * D), "b_dec": torch.zeros(D)})
+    return SAE(
+        cfg,
+        {
+            "W_enc": torch.cat([eye, -eye], dim=1),
+            "W_dec": torch.cat([eye, -eye], dim=0),
+            "b_enc": torch.zeros(2 * D),
+            "b_dec": torch.zeros(D),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +69,41 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("eval")
     model_dir = build_tiny_model("llama", base / "llama")
     root = base / "store"
-    corpus = ingest(str(root), CorpusConfig(source="text", paths=(str(write_text_corpus(base / "docs", 40)),),
-                                            tokenizer=ModelConfig(name=str(model_dir)), ctx_len=CTX,
-                                            holdout_fraction=0.3, max_tokens=2400))
-    made = harvest(str(root), HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)),
-                                            sites=(SITE,), loss=True, batch_windows=5),
-                   HarvestRuntime(progress=False, device="cpu"))
-    saes = {name: publish_sae(str(root), sae, source=name).id
-            for name, sae in (("topk", topk_sae(3)), ("identity", identity_sae()))}
+    corpus = ingest(
+        str(root),
+        CorpusConfig(
+            source="text",
+            paths=(str(write_text_corpus(base / "docs", 40)),),
+            tokenizer=ModelConfig(name=str(model_dir)),
+            ctx_len=CTX,
+            holdout_fraction=0.3,
+            max_tokens=2400,
+        ),
+    )
+    made = harvest(
+        str(root),
+        HarvestConfig(
+            corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)), sites=(SITE,), loss=True, batch_windows=5
+        ),
+        HarvestRuntime(progress=False, device="cpu"),
+    )
+    saes = {
+        name: publish_sae(str(root), sae, source=name).id
+        for name, sae in (("topk", topk_sae(3)), ("identity", identity_sae()))
+    }
     return {"base": base, "root": root, "harvest": made.id, "corpus": corpus.id, "model_dir": model_dir, **saes}
 
 
 def chosen_tokens(world: dict) -> pl.DataFrame:
     """Holdout tokens of the harvest in token order, straight from the token table."""
     n = len(Store(world["root"]).activations(world["harvest"], SITE))
-    return (Store(world["root"]).tokens(world["corpus"]).filter((pl.col("tok") < n) & (pl.col("split") == "holdout"))
-            .select("tok", "pos", "seq").collect())
+    return (
+        Store(world["root"])
+        .tokens(world["corpus"])
+        .filter((pl.col("tok") < n) & (pl.col("split") == "holdout"))
+        .select("tok", "pos", "seq")
+        .collect()
+    )
 
 
 def numpy_topk(x: np.ndarray, sae_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -87,8 +119,11 @@ def numpy_topk(x: np.ndarray, sae_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def test_reconstruction_and_latent_numbers_equal_numpy(world: dict) -> None:
     store = Store(world["root"])
-    manifest = evaluate(str(world["root"]), EvalConfig(sae_id=world["topk"], harvest_id=world["harvest"], site=SITE,
-                                                       ce_tokens=0), RUNTIME)
+    manifest = evaluate(
+        str(world["root"]),
+        EvalConfig(sae_id=world["topk"], harvest_id=world["harvest"], site=SITE, ce_tokens=0),
+        RUNTIME,
+    )
     summary = store.eval_table(manifest.id, "summary").collect().row(0, named=True)
     tokens = chosen_tokens(world)
     counted = tokens.filter(pl.col("pos") > 0)
@@ -136,15 +171,19 @@ def hooked_ce(model_dir: Path, ids: np.ndarray, replace: Callable[[torch.Tensor]
             logits = model(torch.from_numpy(ids)).logits
     finally:
         handle.remove()
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), torch.from_numpy(ids[:, 1:]).reshape(-1),
-                         reduction="none").reshape(len(ids), -1)
+    ce = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), torch.from_numpy(ids[:, 1:]).reshape(-1), reduction="none"
+    ).reshape(len(ids), -1)
     return ce.numpy()
 
 
 def test_downstream_loss_against_the_harvest_loss_and_hand_hooks(world: dict) -> None:
     store = Store(world["root"])
-    manifest = evaluate(str(world["root"]), EvalConfig(sae_id=world["identity"], harvest_id=world["harvest"],
-                                                       site=SITE, ce_tokens=150), RUNTIME)
+    manifest = evaluate(
+        str(world["root"]),
+        EvalConfig(sae_id=world["identity"], harvest_id=world["harvest"], site=SITE, ce_tokens=150),
+        RUNTIME,
+    )
     summary = manifest.extra["summary"]
     assert summary["explained_variance"] == pytest.approx(1.0, abs=1e-5)
     assert summary["ce_spliced"] == pytest.approx(summary["ce_clean"], abs=1e-5)
@@ -166,8 +205,10 @@ def test_downstream_loss_against_the_harvest_loss_and_hand_hooks(world: dict) ->
     ids = ids.astype(np.int64)
     chosen = chosen_tokens(world).filter(pl.col("pos") > 0)
     mean = np.asarray(store.activations(world["harvest"], SITE)[:], dtype=np.float64)[chosen["tok"].to_numpy()].mean(0)
-    for name, replace in (("zero", torch.zeros_like),
-                          ("mean", lambda h: torch.from_numpy(mean).float().expand_as(h).clone())):
+    for name, replace in (
+        ("zero", torch.zeros_like),
+        ("mean", lambda h: torch.from_numpy(mean).float().expand_as(h).clone()),
+    ):
         expected = hooked_ce(world["model_dir"], ids, replace)
         row = np.searchsorted(seqs, per_token["tok"].to_numpy() // CTX)
         col = per_token["tok"].to_numpy() % CTX
@@ -176,8 +217,18 @@ def test_downstream_loss_against_the_harvest_loss_and_hand_hooks(world: dict) ->
 
 
 def test_outlier_exclusion_is_recorded(world: dict) -> None:
-    manifest = evaluate(str(world["root"]), EvalConfig(sae_id=world["topk"], harvest_id=world["harvest"], site=SITE,
-                                                       ce_tokens=0, exclude_bos=False, outlier_factor=1.05), RUNTIME)
+    manifest = evaluate(
+        str(world["root"]),
+        EvalConfig(
+            sae_id=world["topk"],
+            harvest_id=world["harvest"],
+            site=SITE,
+            ce_tokens=0,
+            exclude_bos=False,
+            outlier_factor=1.05,
+        ),
+        RUNTIME,
+    )
     threshold = manifest.extra["outlier_norm_threshold"]
     per_token = Store(world["root"]).eval_table(manifest.id, "per_token").collect()
     np.testing.assert_array_equal(per_token["excluded"].to_numpy(), per_token["x_norm"].to_numpy() > threshold)
@@ -187,8 +238,21 @@ def test_outlier_exclusion_is_recorded(world: dict) -> None:
 
 def test_rerun_returns_the_published_eval_and_a_kill_leaves_nothing_readable(world: dict) -> None:
     root = world["root"]
-    args = ("eval", "--store", str(root), "--sae", world["topk"], "--harvest", world["harvest"], "--ce-tokens", "300",
-            "--device", "cpu", "--no-progress", "--json")
+    args = (
+        "eval",
+        "--store",
+        str(root),
+        "--sae",
+        world["topk"],
+        "--harvest",
+        world["harvest"],
+        "--ce-tokens",
+        "300",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--json",
+    )
     proc = cli_popen(*args)
     deadline = time.time() + 120
     evals = root / "evals"
@@ -216,8 +280,10 @@ def test_bad_input_is_one_line_and_changes_nothing(world: dict, tmp_path: Path) 
         (("--sae", world["topk"], "--harvest", "harvest-missing-00000000"), "harvest-missing-00000000"),
         (("--sae", str(wrong), "--harvest", world["harvest"], "--site", SITE), "d_in"),
         (("--sae", str(other_hook), "--harvest", world["harvest"], "--site", SITE), "--allow-mismatch"),
-        (("--sae", world["topk"], "--harvest", world["harvest"], "--site", "blocks.9.hook_resid_post"),
-         "blocks.9.hook_resid_post"),
+        (
+            ("--sae", world["topk"], "--harvest", world["harvest"], "--site", "blocks.9.hook_resid_post"),
+            "blocks.9.hook_resid_post",
+        ),
     ]
     for args, fragment in cases:
         result = cli("eval", "--store", str(root), *args, "--device", "cpu", "--no-progress", check=False)

@@ -28,8 +28,11 @@ from tests.helpers import snapshot
 from tests.shard_data import SyntheticStore, write_synthetic_store
 
 CTX, CHUNK, N_SEQS = 32, 64, 16  # 512 tokens in 8 chunks
-SITES = {"blocks.0.hook_resid_post": (8, "float32"), "blocks.1.hook_resid_post": (6, "float16"),
-         "blocks.2.hook_resid_post": (5, "bfloat16")}
+SITES = {
+    "blocks.0.hook_resid_post": (8, "float32"),
+    "blocks.1.hook_resid_post": (6, "float16"),
+    "blocks.2.hook_resid_post": (5, "bfloat16"),
+}
 DTYPE_OF_SITE = {dtype: site for site, (_, dtype) in SITES.items()}
 TOKEN_COLS = ("doc", "seq", "pos", "token_id", "split")
 
@@ -55,8 +58,11 @@ def raw_rows(store: Store, made: SyntheticStore, site: str) -> np.ndarray:
 def bits(values: np.ndarray | torch.Tensor) -> np.ndarray:
     """The bit patterns of floats, so equality is bit-exact (NaN and -0.0 included)."""
     if isinstance(values, torch.Tensor):
-        values = values.contiguous().view({torch.bfloat16: torch.int16, torch.float16: torch.int16,
-                                           torch.float32: torch.int32}[values.dtype]).numpy()
+        values = (
+            values.contiguous()
+            .view({torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[values.dtype])
+            .numpy()
+        )
     return np.ascontiguousarray(values).view(f"u{np.asarray(values).dtype.itemsize}")
 
 
@@ -95,8 +101,9 @@ def read_datasets(out: Path) -> dict[str, np.ndarray]:
 
 def read_npy(out: Path) -> dict[str, np.ndarray]:
     names = sorted({p.name.rsplit("-", 1)[0] for p in out.glob("*.npy")})
-    return {name: np.concatenate([np.load(p, mmap_mode="r") for p in sorted(out.glob(f"{name}-*.npy"))])
-            for name in names}
+    return {
+        name: np.concatenate([np.load(p, mmap_mode="r") for p in sorted(out.glob(f"{name}-*.npy"))]) for name in names
+    }
 
 
 def read_safetensors(out: Path) -> dict[str, Any]:
@@ -153,8 +160,9 @@ def check_manifest_files(out: Path, rows: int, shard_rows: int) -> dict[str, Any
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("logical", ["float32", "float16", "bfloat16"])
-def test_whole_array_round_trips_bit_exact(synth: tuple[Store, SyntheticStore], tmp_path: Path, fmt: str,
-                                           logical: str) -> None:
+def test_whole_array_round_trips_bit_exact(
+    synth: tuple[Store, SyntheticStore], tmp_path: Path, fmt: str, logical: str
+) -> None:
     store, made = synth
     site = DTYPE_OF_SITE[logical]
     raw = raw_rows(store, made, site)
@@ -172,13 +180,23 @@ def test_whole_array_round_trips_bit_exact(synth: tuple[Store, SyntheticStore], 
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_subset_with_token_columns_matches_numpy_mask(synth: tuple[Store, SyntheticStore], tokens: pl.DataFrame,
-                                                      tmp_path: Path, fmt: str) -> None:
+def test_subset_with_token_columns_matches_numpy_mask(
+    synth: tuple[Store, SyntheticStore], tokens: pl.DataFrame, tmp_path: Path, fmt: str
+) -> None:
     store, made = synth
     site = DTYPE_OF_SITE["bfloat16"]
     raw = raw_rows(store, made, site)
-    result = export_activations(store, made.harvest_ids[0], site, tmp_path / "out", fmt, rows=(37, 455),
-                                split="train", token_columns=TOKEN_COLS, shard_rows=70)
+    result = export_activations(
+        store,
+        made.harvest_ids[0],
+        site,
+        tmp_path / "out",
+        fmt,
+        rows=(37, 455),
+        split="train",
+        token_columns=TOKEN_COLS,
+        shard_rows=70,
+    )
     tok = np.arange(len(raw))
     keep = (tok >= 37) & (tok < 455) & (tokens["split"].to_numpy() == "train")
     assert 0 < keep.sum() < 418
@@ -197,10 +215,17 @@ def test_subset_with_token_columns_matches_numpy_mask(synth: tuple[Store, Synthe
     check_manifest_files(result.path, int(keep.sum()), 70)
 
 
-@pytest.mark.parametrize(("fmt", "where"), [("parquet", pl.col("pos") % 3 == 1), ("npy", "pos % 3 = 1 AND doc >= 2"),
-                                            ("safetensors", pl.col("token_id") < 20_000)])
-def test_where_filter_matches_polars_filter(synth: tuple[Store, SyntheticStore], tokens: pl.DataFrame, tmp_path: Path,
-                                            fmt: str, where: pl.Expr | str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "where"),
+    [
+        ("parquet", pl.col("pos") % 3 == 1),
+        ("npy", "pos % 3 = 1 AND doc >= 2"),
+        ("safetensors", pl.col("token_id") < 20_000),
+    ],
+)
+def test_where_filter_matches_polars_filter(
+    synth: tuple[Store, SyntheticStore], tokens: pl.DataFrame, tmp_path: Path, fmt: str, where: pl.Expr | str
+) -> None:
     store, made = synth
     site = DTYPE_OF_SITE["float16"]
     raw = raw_rows(store, made, site)
@@ -212,8 +237,9 @@ def test_where_filter_matches_polars_filter(synth: tuple[Store, SyntheticStore],
     assert result.manifest.config["subset"]["where"] == (where if isinstance(where, str) else str(where))
 
 
-def test_parquet_is_readable_by_polars_and_carries_the_logical_dtype(synth: tuple[Store, SyntheticStore],
-                                                                     tmp_path: Path) -> None:
+def test_parquet_is_readable_by_polars_and_carries_the_logical_dtype(
+    synth: tuple[Store, SyntheticStore], tmp_path: Path
+) -> None:
     store, made = synth
     site = DTYPE_OF_SITE["bfloat16"]
     raw = raw_rows(store, made, site)
@@ -223,8 +249,13 @@ def test_parquet_is_readable_by_polars_and_carries_the_logical_dtype(synth: tupl
     assert np.array_equal(bits(frame["act"].to_numpy()), bits(bf16_to_f32(raw)))
     metadata = json.loads(pq.read_schema(out / "part-00000.parquet").metadata[b"actstore"])
     assert metadata["logical_dtype"] == "bfloat16" and metadata["format"].startswith("actstore.export")
-    with safe_open(str(export_activations(store, made.harvest_ids[0], site, tmp_path / "st", "safetensors").path
-                       / "shard-00000.safetensors"), framework="pt") as f:
+    with safe_open(
+        str(
+            export_activations(store, made.harvest_ids[0], site, tmp_path / "st", "safetensors").path
+            / "shard-00000.safetensors"
+        ),
+        framework="pt",
+    ) as f:
         assert f.metadata()["logical_dtype"] == "bfloat16"
 
 
@@ -262,8 +293,7 @@ def test_array_formats_stream_in_bounded_memory(tmp_path: Path) -> None:
     for fmt in ("npy", "safetensors"):
         tracemalloc.start()
         try:
-            export_activations(store, made.harvest_ids[0], "a", tmp_path / fmt, fmt, shard_rows=10_000,
-                               split="train")
+            export_activations(store, made.harvest_ids[0], "a", tmp_path / fmt, fmt, shard_rows=10_000, split="train")
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -285,22 +315,31 @@ def write_feature_table(directory: Path, value_dtype: str, seed: int = 0) -> pl.
     tok = np.repeat(np.arange(n, dtype=np.int64), 3)
     value = rng.exponential(2.0, len(tok)).astype(value_dtype)
     frame = pl.DataFrame({"feature": feature, "tok": tok, "value": value.astype(np.float32)})
-    orders = {"by_feature": np.lexsort((tok, -value.astype(np.float64), feature)),
-              "by_token": np.lexsort((feature, tok))}
-    schema = pa.schema([pa.field("feature", pa.int32(), nullable=False), pa.field("tok", pa.int64(), nullable=False),
-                        pa.field("value", pa.from_numpy_dtype(np.dtype(value_dtype)), nullable=False)])
+    orders = {
+        "by_feature": np.lexsort((tok, -value.astype(np.float64), feature)),
+        "by_token": np.lexsort((feature, tok)),
+    }
+    schema = pa.schema(
+        [
+            pa.field("feature", pa.int32(), nullable=False),
+            pa.field("tok", pa.int64(), nullable=False),
+            pa.field("value", pa.from_numpy_dtype(np.dtype(value_dtype)), nullable=False),
+        ]
+    )
     for name, order in orders.items():
         (directory / name).mkdir(parents=True)
         for i, part in enumerate(np.array_split(order, 2)):
-            table = pa.Table.from_arrays([pa.array(feature[part]), pa.array(tok[part]), pa.array(value[part])],
-                                         schema=schema)
+            table = pa.Table.from_arrays(
+                [pa.array(feature[part]), pa.array(tok[part]), pa.array(value[part])], schema=schema
+            )
             pq.write_table(table, directory / name / f"part-{i:06d}.parquet", row_group_size=100)
     return frame.with_columns(pl.Series("value_bits", value.view(f"u{value.itemsize}")))
 
 
 @pytest.fixture(scope="module", params=["float16", "float32"])
-def feature_table(request: pytest.FixtureRequest,
-                  tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pl.DataFrame, str]:
+def feature_table(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, pl.DataFrame, str]:
     directory = tmp_path_factory.mktemp("features") / "sae-x" / "harvest-x"
     return directory, write_feature_table(directory, request.param), request.param
 
@@ -310,11 +349,14 @@ def triples(got: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_feature_table_round_trips_in_both_orders(feature_table: tuple[Path, pl.DataFrame, str], tmp_path: Path,
-                                                  fmt: str) -> None:
+def test_feature_table_round_trips_in_both_orders(
+    feature_table: tuple[Path, pl.DataFrame, str], tmp_path: Path, fmt: str
+) -> None:
     directory, frame, value_dtype = feature_table
-    for order, sort in (("feature", [pl.col("feature"), -pl.col("value"), pl.col("tok")]),
-                        ("token", [pl.col("tok"), pl.col("feature")])):
+    for order, sort in (
+        ("feature", [pl.col("feature"), -pl.col("value"), pl.col("tok")]),
+        ("token", [pl.col("tok"), pl.col("feature")]),
+    ):
         expected = frame.sort(sort)
         result = export_features(directory, tmp_path / order, fmt, order=order, shard_rows=333)  # type: ignore[arg-type]
         feature, tok, value = triples(READERS[fmt](result.path))
@@ -327,8 +369,13 @@ def test_feature_table_round_trips_in_both_orders(feature_table: tuple[Path, pl.
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_feature_subsets(synth: tuple[Store, SyntheticStore], tokens: pl.DataFrame,
-                         feature_table: tuple[Path, pl.DataFrame, str], tmp_path: Path, fmt: str) -> None:
+def test_feature_subsets(
+    synth: tuple[Store, SyntheticStore],
+    tokens: pl.DataFrame,
+    feature_table: tuple[Path, pl.DataFrame, str],
+    tmp_path: Path,
+    fmt: str,
+) -> None:
     store, made = synth
     directory, frame, _ = feature_table
     by_feature = export_features(directory, tmp_path / "f", fmt, features=[3, 17, 7], rows=(100, 400))
@@ -338,11 +385,22 @@ def test_feature_subsets(synth: tuple[Store, SyntheticStore], tokens: pl.DataFra
     assert np.array_equal(feature, expected["feature"].to_numpy()) and np.array_equal(tok, expected["tok"].to_numpy())
     assert np.array_equal(bits(value), expected["value_bits"].to_numpy())
 
-    by_token = export_features(directory, tmp_path / "t", fmt, order="token", features=[5, 6], split="holdout",
-                               where=pl.col("pos") > 3, token_table=store.corpus_dir(made.corpus_id),
-                               token_columns=("pos", "doc"))
-    expected = (frame.join(tokens, on="tok").filter(pl.col("feature").is_in([5, 6]) & (pl.col("split") == "holdout")
-                                                    & (pl.col("pos") > 3)).sort(["tok", "feature"]))
+    by_token = export_features(
+        directory,
+        tmp_path / "t",
+        fmt,
+        order="token",
+        features=[5, 6],
+        split="holdout",
+        where=pl.col("pos") > 3,
+        token_table=store.corpus_dir(made.corpus_id),
+        token_columns=("pos", "doc"),
+    )
+    expected = (
+        frame.join(tokens, on="tok")
+        .filter(pl.col("feature").is_in([5, 6]) & (pl.col("split") == "holdout") & (pl.col("pos") > 3))
+        .sort(["tok", "feature"])
+    )
     got = READERS[fmt](by_token.path)
     feature, tok, value = triples(got)
     assert len(tok) == expected.height > 0
@@ -395,15 +453,17 @@ def test_feature_errors_are_one_line(feature_table: tuple[Path, pl.DataFrame, st
     directory, _, _ = feature_table
     one_line_error(lambda: export_features(tmp_path / "none", tmp_path / "o", "npy"), "no feature table")
     one_line_error(lambda: export_features(directory, tmp_path / "o", "npy", split="train"), "order='token'")
-    one_line_error(lambda: export_features(directory, tmp_path / "o", "npy", order="token", token_columns=("pos",)),
-                   "token_table")
+    one_line_error(
+        lambda: export_features(directory, tmp_path / "o", "npy", order="token", token_columns=("pos",)), "token_table"
+    )
     one_line_error(lambda: export_features(directory, tmp_path / "o", "npy", order="rank"), "order 'rank'")  # type: ignore[arg-type]
     one_line_error(lambda: export_features(directory, tmp_path / "o", "npy", features=[]), "features")
     one_line_error(lambda: export_features(directory, tmp_path / "o", "npy", features=[D_SAE + 5]), "keep no rows")
     bad = tmp_path / "bad" / "by_feature"
     bad.mkdir(parents=True)
-    pq.write_table(pa.table({"feature": pa.array([1], pa.int64()), "tok": [0], "value": [1.0]}),
-                   bad / "part-000000.parquet")
+    pq.write_table(
+        pa.table({"feature": pa.array([1], pa.int64()), "tok": [0], "value": [1.0]}), bad / "part-000000.parquet"
+    )
     one_line_error(lambda: export_features(bad.parent, tmp_path / "o", "npy"), "not a feature table part")
 
 

@@ -45,10 +45,21 @@ def build_width(directory: Path, width: int, tied: bool) -> Path:
     """A 2-layer Llama of hidden size `width` with the tiny tokenizer, saved to load by directory."""
     tokenizer = tiny_tokenizer()
     special = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), pad_token_id=special, bos_token_id=special,
-                                  eos_token_id=special, tie_word_embeddings=tied, hidden_size=width,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  intermediate_size=2 * width, head_dim=width // 4, max_position_embeddings=64)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        pad_token_id=special,
+        bos_token_id=special,
+        eos_token_id=special,
+        tie_word_embeddings=tied,
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * width,
+        head_dim=width // 4,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(width)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -58,9 +69,15 @@ def build_width(directory: Path, width: int, tied: bool) -> Path:
 def topk_sae(seed: int, d_sae: int, k: int, d_in: int = 32) -> SAE:
     g = torch.Generator().manual_seed(seed)
     cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, hook_name=SITE)
-    return SAE(cfg, {"W_enc": torch.randn(d_in, d_sae, generator=g) / d_in**0.5,
-                     "W_dec": torch.randn(d_sae, d_in, generator=g) / d_in**0.5,
-                     "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_in)})
+    return SAE(
+        cfg,
+        {
+            "W_enc": torch.randn(d_in, d_sae, generator=g) / d_in**0.5,
+            "W_dec": torch.randn(d_sae, d_in, generator=g) / d_in**0.5,
+            "b_enc": torch.zeros(d_sae),
+            "b_dec": torch.zeros(d_in),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +86,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("forecast")
     root = str(base / "store")
     models = {w: build_width(base / f"llama-w{w}", w, tied) for w, tied in WIDTHS.items()}
-    corpus = ingest(root, CorpusConfig(source="text", paths=(str(write_text_corpus(base / "docs", 40)),),
-                                       tokenizer=ModelConfig(name=str(models[16])), ctx_len=CTX,
-                                       holdout_fraction=0.3, max_tokens=1600))
-    harvests = {w: harvest(root, HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(path)), sites=(SITE,),
-                                               loss=True), RUNTIME).id for w, path in models.items()}
+    corpus = ingest(
+        root,
+        CorpusConfig(
+            source="text",
+            paths=(str(write_text_corpus(base / "docs", 40)),),
+            tokenizer=ModelConfig(name=str(models[16])),
+            ctx_len=CTX,
+            holdout_fraction=0.3,
+            max_tokens=1600,
+        ),
+    )
+    harvests = {
+        w: harvest(
+            root,
+            HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(path)), sites=(SITE,), loss=True),
+            RUNTIME,
+        ).id
+        for w, path in models.items()
+    }
     evals = []
     for seed, (d_sae, k) in enumerate(SAE_SHAPES):
         sae_id = publish_sae(root, topk_sae(seed, d_sae, k), source="test").id
@@ -129,11 +160,14 @@ def test_laws_fitted_where_the_points_allow_and_forecasts_follow_the_fits(world:
     assert status[("sae_nmse", f"{world['harvests'][32]}/{SITE}")]["status"] == "fitted"
     fits, forecasts = table(world, "fits"), table(world, "forecasts")
     for (law, subject), group in forecasts.group_by("law", "subject"):
-        params = dict(fits.filter((pl.col("law") == law) & (pl.col("subject") == subject))
-                      .select("param", "estimate").iter_rows())
+        params = dict(
+            fits.filter((pl.col("law") == law) & (pl.col("subject") == subject)).select("param", "estimate").iter_rows()
+        )
         variables = fits.filter(pl.col("law") == law)["variables"][0].split(",")
-        terms = sum(params[c] / group[v].to_numpy() ** params[e]
-                    for v, c, e in zip(variables, ("A", "B"), ("alpha", "beta"), strict=False))
+        terms = sum(
+            params[c] / group[v].to_numpy() ** params[e]
+            for v, c, e in zip(variables, ("A", "B"), ("alpha", "beta"), strict=False)
+        )
         np.testing.assert_allclose(group["point"].to_numpy(), params["E"] + terms, rtol=1e-9)
         np.testing.assert_allclose(group["reducible"].to_numpy(), terms, rtol=1e-9)
         assert sorted(group["multiple"].to_list()) == [2.0, 4.0]
@@ -148,14 +182,24 @@ def test_laws_fitted_where_the_points_allow_and_forecasts_follow_the_fits(world:
 @pytest.mark.parametrize(("E", "A", "alpha"), [(2.0, 3.0, 0.5), (0.0, 5.0, 0.3)], ids=["floor", "no-floor"])
 def test_position_law_recovers_a_known_law_and_warns_without_a_floor(E: float, A: float, alpha: float) -> None:
     ctx = 64
-    runs = [{"harvest_id": "h", "corpus_id": "c", "model": "m", "ctx_len": ctx, "tokens": 1, "docs": 1,
-             "mean_loss": 1.0}]
+    runs = [
+        {"harvest_id": "h", "corpus_id": "c", "model": "m", "ctx_len": ctx, "tokens": 1, "docs": 1, "mean_loss": 1.0}
+    ]
 
     def truth(context: float) -> float:
         return E + A / context**alpha
 
-    positions = [{"harvest_id": "h", "pos": c, "context": c, "tokens": 1, "docs": 1,
-                  "mean_loss": 99.0 if c == 0 else float(truth(c))} for c in range(ctx)]  # context 0 is left out
+    positions = [
+        {
+            "harvest_id": "h",
+            "pos": c,
+            "context": c,
+            "tokens": 1,
+            "docs": 1,
+            "mean_loss": 99.0 if c == 0 else float(truth(c)),
+        }
+        for c in range(ctx)
+    ]  # context 0 is left out
     config = ForecastConfig(laws=("loss_vs_position",), targets=({"context": 1000.0},), n_boot=20)
     fitted = fit_laws.fn(config, runs, positions, [])
     params = {row["param"]: row["estimate"] for row in fitted.fits}
@@ -172,8 +216,20 @@ def test_position_law_recovers_a_known_law_and_warns_without_a_floor(E: float, A
 
 def test_an_sae_law_over_a_sweep_of_one_k_is_fitted_over_the_width_alone() -> None:
     widths = [64, 128, 256, 512, 1024]
-    saes = [{"eval_id": f"e{n}", "sae_id": f"s{n}", "harvest_id": "h", "site": "s", "split": "holdout", "d_sae": n,
-             "k": 8.0, "l0": 7.5 + i, "nmse": 0.1 + 2.0 / n**0.5} for i, n in enumerate(widths)]
+    saes = [
+        {
+            "eval_id": f"e{n}",
+            "sae_id": f"s{n}",
+            "harvest_id": "h",
+            "site": "s",
+            "split": "holdout",
+            "d_sae": n,
+            "k": 8.0,
+            "l0": 7.5 + i,
+            "nmse": 0.1 + 2.0 / n**0.5,
+        }
+        for i, n in enumerate(widths)
+    ]
     fitted = fit_laws.fn(ForecastConfig(laws=("sae_nmse",), sae_sparsity="k", n_boot=20), [], [], saes)
     params = {row["param"]: row["estimate"] for row in fitted.fits}
     assert {row["variables"] for row in fitted.fits} == {"n_latents"}
@@ -191,7 +247,8 @@ def test_sae_table_is_built_from_the_evaluation_rows(world: dict) -> None:
         assert saes[name].to_list() == rows[name].to_list(), name
     np.testing.assert_allclose(saes["ce_delta"].to_numpy(), (rows["ce_spliced"] - rows["ce_clean"]).to_numpy())
     assert sorted(zip(saes["d_sae"].to_list(), saes["k"].to_list(), strict=True)) == sorted(
-        (d, float(k)) for d, k in SAE_SHAPES)
+        (d, float(k)) for d, k in SAE_SHAPES
+    )
     assert (saes["architecture"] == "topk").all()
     nmse = table(world, "fits").filter(pl.col("law") == "sae_nmse")
     assert nmse["variables"][0] == "n_latents,l0" and nmse["n_points"][0] == len(SAE_SHAPES)
@@ -199,9 +256,17 @@ def test_sae_table_is_built_from_the_evaluation_rows(world: dict) -> None:
 
 def test_given_counts_and_too_few_points_for_a_named_law(world: dict) -> None:
     root, w16 = world["root"], world["models"][16]
-    given = forecast(root, ForecastConfig(harvest_ids=(world["harvests"][16],), laws=("loss_vs_position",),
-                                          params={"llama-w16": 1000}, tokens_trained={str(w16): 5_000},
-                                          split="holdout", **QUICK))
+    given = forecast(
+        root,
+        ForecastConfig(
+            harvest_ids=(world["harvests"][16],),
+            laws=("loss_vs_position",),
+            params={"llama-w16": 1000},
+            tokens_trained={str(w16): 5_000},
+            split="holdout",
+            **QUICK,
+        ),
+    )
     store = Store(root)
     run = store.forecast_table(given.id, "runs").collect().row(0, named=True)
     assert (run["n_params"], run["n_params_source"], run["n_params_total"]) == (1000, "given", None)
@@ -216,8 +281,12 @@ def test_given_counts_and_too_few_points_for_a_named_law(world: dict) -> None:
     expected = [grid[mask[:, p], p].mean() for p in positions["pos"].to_list()]
     np.testing.assert_allclose(positions["mean_loss"].to_numpy(), expected, rtol=1e-12)
     with pytest.raises(UserError, match=r"law loss_vs_params_tokens needs at least 5 .* found 2:") as err:
-        forecast(root, ForecastConfig(laws=("loss_vs_params_tokens",), tokens_trained={"llama-w16": 10**6,
-                                                                                       "llama-w32": 2 * 10**6}))
+        forecast(
+            root,
+            ForecastConfig(
+                laws=("loss_vs_params_tokens",), tokens_trained={"llama-w16": 10**6, "llama-w32": 2 * 10**6}
+            ),
+        )
     assert "\n" not in str(err.value)
 
 
@@ -226,8 +295,9 @@ def test_position_law_on_the_embedded_model_predicts_its_per_position_means(tmp_
     model = ModelConfig(name=str(embedded_default_gguf()))
     ctx, windows = 48, 24
     docs = write_text_corpus(tmp_path / "docs", 30)  # words from a small vocabulary: context teaches which
-    corpus = ingest(root, CorpusConfig(source="text", paths=(str(docs),), tokenizer=model, ctx_len=ctx,
-                                       max_tokens=ctx * windows))
+    corpus = ingest(
+        root, CorpusConfig(source="text", paths=(str(docs),), tokenizer=model, ctx_len=ctx, max_tokens=ctx * windows)
+    )
     made = harvest(root, HarvestConfig(corpus_id=corpus.id, model=model, sites=(SITE,), loss=True), RUNTIME)
     lines = demo_forecast(root, made.id)
     store = Store(root)
@@ -258,34 +328,59 @@ def test_rerun_returns_the_same_manifest_and_changes_nothing(world: dict) -> Non
     assert snapshot(Path(world["root"])) == before
 
 
-def test_cli_arguments_build_the_config_and_print_the_forecast(world: dict,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_arguments_build_the_config_and_print_the_forecast(world: dict, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--store")
     parser.add_argument("--json", action="store_true")
     add_forecast_args(parser)
-    args = parser.parse_args(["--store", world["root"], "--harvest", world["harvests"][16], "--law",
-                              "loss_vs_position", "--params", "llama-w16=1.2e3", "--target", "context=100",
-                              "--extrapolate", "3", "--n-boot", "50", "--level", "0.8"])
+    args = parser.parse_args(
+        [
+            "--store",
+            world["root"],
+            "--harvest",
+            world["harvests"][16],
+            "--law",
+            "loss_vs_position",
+            "--params",
+            "llama-w16=1.2e3",
+            "--target",
+            "context=100",
+            "--extrapolate",
+            "3",
+            "--n-boot",
+            "50",
+            "--level",
+            "0.8",
+        ]
+    )
     config = config_from_args(args)
-    assert config == ForecastConfig(harvest_ids=(world["harvests"][16],), laws=("loss_vs_position",),
-                                    params={"llama-w16": 1200}, targets=({"context": 100.0},), extrapolate=(3.0,),
-                                    n_boot=50, level=0.8)
+    assert config == ForecastConfig(
+        harvest_ids=(world["harvests"][16],),
+        laws=("loss_vs_position",),
+        params={"llama-w16": 1200},
+        targets=({"context": 100.0},),
+        extrapolate=(3.0,),
+        n_boot=50,
+        level=0.8,
+    )
     summary = cmd_forecast(args)
     out = capsys.readouterr().out
     assert summary["forecast_id"] in out and "at context=100:" in out and "at context=48 (3x):" in out
     assert summary["laws"][0]["status"] == "fitted"
 
 
-@pytest.mark.parametrize(("config", "fragment"), [
-    ({"laws": ("loss_vs_nothing",)}, "unknown law 'loss_vs_nothing'"),
-    ({"targets": ({"width": 2.0},)}, "names ['width']"),
-    ({"targets": ({"N": -1.0},)}, "non-positive"),
-    ({"n_boot": 1}, "n_boot=1"),
-    ({"level": 1.5}, "level=1.5"),
-    ({"extrapolate": (0.0,)}, "extrapolate [0.0]"),
-    ({"params": {"llama-w16": 0}}, "llama-w16"),
-])
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"laws": ("loss_vs_nothing",)}, "unknown law 'loss_vs_nothing'"),
+        ({"targets": ({"width": 2.0},)}, "names ['width']"),
+        ({"targets": ({"N": -1.0},)}, "non-positive"),
+        ({"n_boot": 1}, "n_boot=1"),
+        ({"level": 1.5}, "level=1.5"),
+        ({"extrapolate": (0.0,)}, "extrapolate [0.0]"),
+        ({"params": {"llama-w16": 0}}, "llama-w16"),
+    ],
+)
 def test_bad_config_is_one_line(config: dict, fragment: str) -> None:
     with pytest.raises(UserError) as err:
         ForecastConfig(**config)
@@ -294,8 +389,11 @@ def test_bad_config_is_one_line(config: dict, fragment: str) -> None:
 
 def test_bad_inputs_against_the_store_are_one_line_and_write_nothing(world: dict, tmp_path: Path) -> None:
     root = world["root"]
-    without_loss = harvest(root, HarvestConfig(corpus_id=world["corpus"], model=ModelConfig(
-        name=str(world["models"][16])), sites=(SITE,)), RUNTIME).id
+    without_loss = harvest(
+        root,
+        HarvestConfig(corpus_id=world["corpus"], model=ModelConfig(name=str(world["models"][16])), sites=(SITE,)),
+        RUNTIME,
+    ).id
     before = snapshot(Path(root))
     cases = [
         (ForecastConfig(harvest_ids=("harvest-missing-00000000",)), "harvest-missing-00000000"),
@@ -312,8 +410,11 @@ def test_bad_inputs_against_the_store_are_one_line_and_write_nothing(world: dict
         forecast(str(tmp_path / "empty"), ForecastConfig())
     parser = argparse.ArgumentParser()
     add_forecast_args(parser)
-    for argv, fragment in ((["--params", "llama-w16"], "MODEL=COUNT"), (["--target", "N"], "VAR=VALUE"),
-                           (["--tokens-trained", "m=1.5"], "whole number")):
+    for argv, fragment in (
+        (["--params", "llama-w16"], "MODEL=COUNT"),
+        (["--target", "N"], "VAR=VALUE"),
+        (["--tokens-trained", "m=1.5"], "whole number"),
+    ):
         with pytest.raises(UserError, match=fragment):
             config_from_args(parser.parse_args(argv))
 

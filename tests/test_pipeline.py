@@ -26,10 +26,14 @@ from tests.helpers import snapshot, stored_data, tiny_pipeline
 def _latest_steps_task_states() -> dict[str, list[str]]:
     """Task name -> state names of the most recent `pipeline-steps` flow run (the pipeline's task runner)."""
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline-steps"])),
-                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
-        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
-            flow_run_id=TaskRunFilterFlowRunId(any_=[runs[0].id])))
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline-steps"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+        tasks = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[runs[0].id]))
+        )
     states: dict[str, list[str]] = {}
     for t in tasks:
         states.setdefault(t.name.rsplit("-", 1)[0], []).append(t.state.name if t.state else "")
@@ -46,17 +50,21 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("edit", "field"), [
-    ({"harvest": {"sites": ["blocks.1.hook_resid_post"], "sitez": 1}}, "harvest.sitez: unknown field"),
-    ({"train": {"k": "many"}}, "train.k: Input should be a valid integer"),
-    ({"run": {"workers": [2]}}, "run.workers: Input should be a valid integer"),
-    ({"modle": {"name": "x"}}, "modle: unknown field: allowed fields are name, store, model"),
-    ({"schedule": {"cron": "0 3 * * *", "interval_seconds": 5}}, "schedule: give exactly one of"),
-    ({"model": {"name": "/no/such/model-dir"}}, "model.name '/no/such/model-dir'"),
-    ({"harvest": {"sites": ["blocks.9.hook_resid_post"]}}, "harvest.sites: "),
-])
-def test_bad_config_fails_before_any_work_naming_the_field(tiny: Path, tmp_path: Path, edit: dict[str, Any],
-                                                           field: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        ({"harvest": {"sites": ["blocks.1.hook_resid_post"], "sitez": 1}}, "harvest.sitez: unknown field"),
+        ({"train": {"k": "many"}}, "train.k: Input should be a valid integer"),
+        ({"run": {"workers": [2]}}, "run.workers: Input should be a valid integer"),
+        ({"modle": {"name": "x"}}, "modle: unknown field: allowed fields are name, store, model"),
+        ({"schedule": {"cron": "0 3 * * *", "interval_seconds": 5}}, "schedule: give exactly one of"),
+        ({"model": {"name": "/no/such/model-dir"}}, "model.name '/no/such/model-dir'"),
+        ({"harvest": {"sites": ["blocks.9.hook_resid_post"]}}, "harvest.sites: "),
+    ],
+)
+def test_bad_config_fails_before_any_work_naming_the_field(
+    tiny: Path, tmp_path: Path, edit: dict[str, Any], field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = yaml.safe_load(tiny.read_text())
     config.update({k: {**config.get(k, {}), **v} if k in ("train", "run") else v for k, v in edit.items()})
     config["store"] = str(tmp_path / "store")
@@ -70,14 +78,16 @@ def test_bad_config_fails_before_any_work_naming_the_field(tiny: Path, tmp_path:
 
 def test_toml_and_yaml_load_the_same_config(tiny: Path, tmp_path: Path) -> None:
     data = yaml.safe_load(tiny.read_text())
-    toml = _write(tmp_path / "pipeline.toml", f"""
+    toml = _write(
+        tmp_path / "pipeline.toml",
+        f"""
 name = "tiny"
 store = "store"
 [model]
-name = "{data['model']['name']}"
+name = "{data["model"]["name"]}"
 [corpus]
 source = "text"
-paths = ["{data['corpus']['paths'][0]}"]
+paths = ["{data["corpus"]["paths"][0]}"]
 ctx_len = 32
 [harvest]
 sites = ["blocks.1.hook_resid_post"]
@@ -96,7 +106,8 @@ ce_tokens = 256
 [run]
 threads = 1
 progress = false
-""")
+""",
+    )
     from_yaml, from_toml = load_pipeline_config(tiny), load_pipeline_config(toml)
     # TOML has no null: its dashboard section is the default where the YAML says `dashboard: null`
     assert from_toml.model_dump(exclude={"dashboard"}) == from_yaml.model_dump(exclude={"dashboard"})
@@ -119,8 +130,9 @@ def test_pipeline_runs_every_step_and_a_rerun_is_cached(tiny: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny.parent / "model").eval()
     with torch.no_grad():
         hidden = model(torch.from_numpy(tokens.astype(np.int64)).view(8, 32), output_hidden_states=True).hidden_states
-    np.testing.assert_allclose(np.asarray(acts[: 8 * 32]), hidden[2].reshape(-1, hidden[2].shape[-1]).numpy(),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(acts[: 8 * 32]), hidden[2].reshape(-1, hidden[2].shape[-1]).numpy(), rtol=1e-4, atol=1e-4
+    )
 
     (entry,) = summary["saes"]
     features = store.features(entry["sae_id"], summary["harvest_id"])
@@ -155,8 +167,9 @@ def test_pipeline_runs_every_step_and_a_rerun_is_cached(tiny: Path) -> None:
     assert {"tiny-summary", "tiny-headline"} <= keys
 
 
-def test_pipeline_on_an_object_store_root_publishes_every_object(tiny: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pipeline_on_an_object_store_root_publishes_every_object(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pyarrow.parquet as pq
 
     data = yaml.safe_load(tiny.read_text())
@@ -171,10 +184,14 @@ def test_pipeline_on_an_object_store_root_publishes_every_object(tiny: Path, tmp
     monkeypatch.setenv("ACTSTORE_CACHE", str(tmp_path / "cache-b"))  # a reader elsewhere: nothing cached
     reader = Store(url)
     assert {(e.kind, e.id, e.complete) for e in reader.ls()} == {
-        ("corpus", remote["corpus_id"], True), ("harvest", remote["harvest_id"], True)}
+        ("corpus", remote["corpus_id"], True),
+        ("harvest", remote["harvest_id"], True),
+    }
     site = "blocks.1.hook_resid_post"
-    np.testing.assert_array_equal(np.asarray(reader.activations(remote["harvest_id"], site)[:]),
-                                  np.asarray(Store(tmp_path / "local").activations(local["harvest_id"], site)[:]))
+    np.testing.assert_array_equal(
+        np.asarray(reader.activations(remote["harvest_id"], site)[:]),
+        np.asarray(Store(tmp_path / "local").activations(local["harvest_id"], site)[:]),
+    )
     assert reader.remote is not None
     fs = reader.remote.fs
     parts = fs.glob(reader.remote.path(f"corpora/{remote['corpus_id']}") + "/*.parquet")
@@ -185,8 +202,12 @@ def test_pipeline_on_an_object_store_root_publishes_every_object(tiny: Path, tmp
 def test_shards_cover_every_chunk_once_and_gpu_tasks_follow_the_cluster() -> None:
     from actstore.flows.cluster import Cluster, shard_ranges, uses_gpu
 
-    for n_chunks, cluster, per in [(386, Cluster(), None), (386, Cluster(local_workers=2, workers=2), None),
-                                   (10, Cluster(address="tcp://x:1", workers=3), 4), (1, Cluster(), None)]:
+    for n_chunks, cluster, per in [
+        (386, Cluster(), None),
+        (386, Cluster(local_workers=2, workers=2), None),
+        (10, Cluster(address="tcp://x:1", workers=3), 4),
+        (1, Cluster(), None),
+    ]:
         shards = shard_ranges(n_chunks, cluster, per)
         assert [c for s in shards for c in s] == list(range(n_chunks))
         assert len(shards) == (1 if not cluster.distributed else -(-n_chunks // (per or -(-n_chunks // 8))))

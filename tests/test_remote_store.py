@@ -35,8 +35,9 @@ from actstore.store.root import CACHE_ENV, Store, cache_dir
 from actstore.transforms.synthetic import mixture_parameters, sample_chunk
 
 URL = "memory://actstore-remote/store"
-CONFIG = SyntheticConfig(kind="gaussian_mixture", n_tokens=2048, d=4, components=2, ctx_len=32, chunk_tokens=512,
-                         seed=3)
+CONFIG = SyntheticConfig(
+    kind="gaussian_mixture", n_tokens=2048, d=4, components=2, ctx_len=32, chunk_tokens=512, seed=3
+)
 SAE_ID = "sae-remote-test-0001"
 D_SAE = 8
 
@@ -120,8 +121,9 @@ class Written(NamedTuple):
 def expected_activations() -> np.ndarray:
     """The synthetic rows as the generator draws them, chunk by chunk, without any store."""
     params = mixture_parameters(CONFIG)
-    return np.concatenate([sample_chunk(CONFIG, c, CONFIG.chunk_tokens, params).x
-                           for c in range(CONFIG.n_tokens // CONFIG.chunk_tokens)])
+    return np.concatenate(
+        [sample_chunk(CONFIG, c, CONFIG.chunk_tokens, params).x for c in range(CONFIG.n_tokens // CONFIG.chunk_tokens)]
+    )
 
 
 def seeded_triples() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,8 +152,12 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
             writer.add_chunk(chunk, feature[rows], tok[rows], value[rows])
         writer.finish(4)
     write_manifest(directory, _manifest("features", f"{SAE_ID}/{harvest.id}"))
-    per_feature = pa.table({"feature": pa.array(range(D_SAE), pa.int32()),
-                            "attribution": pa.array(np.linspace(-1, 1, D_SAE), pa.float64())})
+    per_feature = pa.table(
+        {
+            "feature": pa.array(range(D_SAE), pa.int32()),
+            "attribution": pa.array(np.linspace(-1, 1, D_SAE), pa.float64()),
+        }
+    )
     with staged_directory(directory / "attribution") as tmp:
         pq.write_table(per_feature, tmp / "per_feature.parquet")
         write_manifest(tmp, _manifest("attribution", f"{SAE_ID}/{harvest.id}"))
@@ -159,8 +165,14 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
 
 
 def _manifest(kind: str, object_id: str) -> Manifest:
-    return Manifest(kind=kind, id=object_id, config={}, code_version=code_version(), created=utc_now(),
-                    counts={"n_tokens": CONFIG.n_tokens})
+    return Manifest(
+        kind=kind,
+        id=object_id,
+        config={},
+        code_version=code_version(),
+        created=utc_now(),
+        counts={"n_tokens": CONFIG.n_tokens},
+    )
 
 
 def writer_store(monkeypatch: pytest.MonkeyPatch, written: Written, cache: Path, url: str = URL) -> Store:
@@ -181,8 +193,9 @@ def files_under(path: Path) -> list[Path]:
 
 def object_files(directory: Path) -> list[Path]:
     """The files a push sends for an object: all but lock files and the nested attribution's."""
-    return [p for p in files_under(directory) if p.name != LOCK_NAME and "attribution" not in p.relative_to(
-        directory).parts]
+    return [
+        p for p in files_under(directory) if p.name != LOCK_NAME and "attribution" not in p.relative_to(directory).parts
+    ]
 
 
 # --- roots ------------------------------------------------------------------------------------------------------
@@ -212,7 +225,8 @@ def test_each_url_has_its_own_cache_directory(monkeypatch: pytest.MonkeyPatch, t
 
 
 def test_objects_pushed_by_one_cache_read_back_bit_identical_from_another(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, written: Written) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, written: Written
+) -> None:
     writer = writer_store(monkeypatch, written, tmp_path / "a")
     assert sorted(writer.push_published()) == sorted(relpaths(written))
     assert writer.push_published() == []  # published once; a re-push sends nothing
@@ -226,8 +240,12 @@ def test_objects_pushed_by_one_cache_read_back_bit_identical_from_another(
     assert reader.root != writer.root
     listing = {(e.kind, e.id): e for e in reader.ls()}
     features_id = f"{SAE_ID}/{written.harvest_id}"
-    assert set(listing) == {("corpus", written.corpus_id), ("harvest", written.harvest_id),
-                            ("features", features_id), ("attribution", features_id)}
+    assert set(listing) == {
+        ("corpus", written.corpus_id),
+        ("harvest", written.harvest_id),
+        ("features", features_id),
+        ("attribution", features_id),
+    }
     assert all(e.complete for e in listing.values())
     assert listing["harvest", written.harvest_id].counts["n_tokens"] == CONFIG.n_tokens
     assert reader.manifest("harvest", written.harvest_id).extra["corpus_id"] == written.corpus_id
@@ -262,8 +280,9 @@ def test_objects_pushed_by_one_cache_read_back_bit_identical_from_another(
         reader.features("sae-nope", written.harvest_id)
     summary = pl.read_parquet(reader.open_url(f"features/{features_id}/summary.parquet"))
     assert summary["count"].to_list() == np.bincount(feature, minlength=D_SAE).tolist()
-    remote_by_token = pq.read_table(writer.remote.path(f"features/{features_id}/by_token/part-000000.parquet"),
-                                    filesystem=writer.remote.fs)
+    remote_by_token = pq.read_table(
+        writer.remote.path(f"features/{features_id}/by_token/part-000000.parquet"), filesystem=writer.remote.fs
+    )
     assert np.array_equal(remote_by_token["tok"].to_numpy(), np.sort(tok))
 
     attribution = reader.features_dir(SAE_ID, written.harvest_id) / "attribution"
@@ -275,7 +294,8 @@ def test_objects_pushed_by_one_cache_read_back_bit_identical_from_another(
 
 
 def test_a_push_killed_midway_publishes_nothing_and_a_re_push_completes_it(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, written: Written) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, written: Written
+) -> None:
     url = "flaky://bucket/store"
     writer = writer_store(monkeypatch, written, tmp_path / "a", url)
     corpus, harvest = relpaths(written)[:2]
@@ -317,7 +337,8 @@ def test_pull_completes_a_partial_local_copy_and_keeps_nested_objects(tmp_path: 
     target = tmp_path / "pulled" / relpath
     assert remote.pull(relpath, target)
     assert sorted(p.relative_to(target) for p in files_under(target)) == sorted(
-        p.relative_to(source) for p in object_files(source))
+        p.relative_to(source) for p in object_files(source)
+    )
     assert [p.name for p in target.parent.iterdir()] == [target.name]
 
     # into a partial copy holding a nested object: completed in place, the nested object kept
@@ -344,10 +365,14 @@ def test_pull_completes_a_partial_local_copy_and_keeps_nested_objects(tmp_path: 
 
 
 def test_failures_are_one_line_errors_naming_the_url_and_the_fix(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    missing = next(p for p, spec in known_implementations.items()
-                   if p in ("s3", "gs", "az", "oci") and not _importable(spec["class"]))
+    missing = next(
+        p
+        for p, spec in known_implementations.items()
+        if p in ("s3", "gs", "az", "oci") and not _importable(spec["class"])
+    )
     cases = [
         (lambda: Store("nosuch://x/y"), r"nosuch://x/y: unknown protocol 'nosuch'; use a local path or an fsspec URL"),
         (lambda: Store(f"{missing}://bucket/x"), rf"cannot open store {missing}://bucket/x: .*install"),

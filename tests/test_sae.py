@@ -58,8 +58,7 @@ def random_weights(arch: str, seed: int, d_in: int = D_IN, d_sae: int = D_SAE) -
         return torch.randn(*shape, generator=g)
 
     uneven = torch.rand(d_sae, 1, generator=g)
-    w = {"W_enc": rand(d_in, d_sae) / d_in**0.5, "W_dec": rand(d_sae, d_in) * uneven,
-         "b_dec": 0.3 * rand(d_in)}
+    w = {"W_enc": rand(d_in, d_sae) / d_in**0.5, "W_dec": rand(d_sae, d_in) * uneven, "b_dec": 0.3 * rand(d_in)}
     if arch == "gated":
         return w | {"b_gate": 0.2 * rand(d_sae), "r_mag": 0.3 * rand(d_sae), "b_mag": 0.2 * rand(d_sae)}
     w["b_enc"] = 0.2 * rand(d_sae)
@@ -70,9 +69,17 @@ def random_weights(arch: str, seed: int, d_in: int = D_IN, d_sae: int = D_SAE) -
 
 
 def make_sae(arch: str, extra: dict[str, Any], normalize: str = "none", seed: int = 0) -> SAE:
-    cfg = SAEConfig(architecture=arch, d_in=D_IN, d_sae=D_SAE, normalize_activations=normalize,  # type: ignore[arg-type]
-                    scaling_factor=SCALING_FACTOR if normalize == "expected_average_only_in" else None,
-                    hook_name=SITE, model_name=MODEL, metadata={"sae_id": f"sae-test-{arch}"}, **extra)
+    cfg = SAEConfig(
+        architecture=arch,
+        d_in=D_IN,
+        d_sae=D_SAE,
+        normalize_activations=normalize,  # type: ignore[arg-type]
+        scaling_factor=SCALING_FACTOR if normalize == "expected_average_only_in" else None,
+        hook_name=SITE,
+        model_name=MODEL,
+        metadata={"sae_id": f"sae-test-{arch}"},
+        **extra,
+    )
     return SAE(cfg, random_weights(arch, seed))
 
 
@@ -184,8 +191,7 @@ LENS_CLASSES = {
 @pytest.mark.parametrize("arch", LENS_CLASSES)
 def test_we_read_what_saelens_saves(tmp_path: Path, arch: str) -> None:
     sae_cls, cfg_cls, extra = LENS_CLASSES[arch]
-    lens = sae_cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, metadata=SAEMetadata(hook_name=SITE, model_name="gpt2"),
-                           **extra))
+    lens = sae_cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, metadata=SAEMetadata(hook_name=SITE, model_name="gpt2"), **extra))
     lens.load_state_dict(random_weights(arch, seed=11))
     lens.save_model(tmp_path)
     ours = load(tmp_path)
@@ -222,8 +228,15 @@ def write_dir(path: Path, cfg: dict[str, Any], weights: dict[str, torch.Tensor])
 
 def test_reads_older_saelens_checkpoints(tmp_path: Path) -> None:
     """Pre-6.0 configs (hook_point, activation_fn_str, bool normalize) and tensors SAELens converts."""
-    old = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "torch.float32", "hook_point": SITE,
-           "model_name": "gpt2", "normalize_activations": False, "apply_b_dec_to_input": True}
+    old = {
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "dtype": "torch.float32",
+        "hook_point": SITE,
+        "model_name": "gpt2",
+        "normalize_activations": False,
+        "apply_b_dec_to_input": True,
+    }
     topk_cfg = old | {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}}
     topk_dir = write_dir(tmp_path / "topk", topk_cfg, random_weights("topk", seed=8))
     ours, lens = load(topk_dir), LensSAE.load_from_disk(topk_dir)
@@ -248,8 +261,9 @@ def test_reads_older_saelens_checkpoints(tmp_path: Path) -> None:
     f = ref_encode(wn, {"architecture": "standard"}, x.double().numpy())
     np.testing.assert_allclose(tuned.encode(x).numpy(), f, rtol=1e-5, atol=1e-5)
     # The old finetuning scale multiplied the latents before W_dec.
-    np.testing.assert_allclose(tuned(x).numpy(), (f * scale.double().numpy()) @ wn["W_dec"] + wn["b_dec"],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        tuned(x).numpy(), (f * scale.double().numpy()) @ wn["W_dec"] + wn["b_dec"], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_topk_ties_go_to_lower_latent_index() -> None:
@@ -257,8 +271,12 @@ def test_topk_ties_go_to_lower_latent_index() -> None:
     g = torch.Generator().manual_seed(7)
     d_sae, k = 12, 4
     w_enc = torch.randint(-4, 5, (D_IN, 4), generator=g).float() / 8
-    w = {"W_enc": w_enc.repeat(1, 3), "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(D_IN),
-         "W_dec": torch.randn(d_sae, D_IN, generator=g)}
+    w = {
+        "W_enc": w_enc.repeat(1, 3),
+        "b_enc": torch.zeros(d_sae),
+        "b_dec": torch.zeros(D_IN),
+        "W_dec": torch.randn(d_sae, D_IN, generator=g),
+    }
     sae = SAE(SAEConfig(architecture="topk", d_in=D_IN, d_sae=d_sae, k=k), w)
     x = torch.randint(-3, 4, (64, D_IN), generator=g).float()
     x[0] = 0.0  # every pre-activation ties at zero
@@ -294,14 +312,26 @@ def test_load_casts_and_moves() -> None:
 def sparsify_dir(root: Path, seed: int) -> tuple[Path, dict[str, torch.Tensor]]:
     """A directory as EleutherAI sparsify's SparseCoder.save_to_disk writes it (nn.Linear orientation)."""
     g = torch.Generator().manual_seed(seed)
-    tensors = {"encoder.weight": torch.randn(D_SAE, D_IN, generator=g),
-               "encoder.bias": torch.randn(D_SAE, generator=g),
-               "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g)}
+    tensors = {
+        "encoder.weight": torch.randn(D_SAE, D_IN, generator=g),
+        "encoder.bias": torch.randn(D_SAE, generator=g),
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+        "b_dec": torch.randn(D_IN, generator=g),
+    }
     path = root / "layers.3"
     path.mkdir(parents=True)
     save_file(tensors, path / "sae.safetensors")
-    cfg = {"activation": "topk", "expansion_factor": 4, "normalize_decoder": True, "num_latents": 0, "k": K,
-           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D_IN}
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": 4,
+        "normalize_decoder": True,
+        "num_latents": 0,
+        "k": K,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": D_IN,
+    }
     (path / "cfg.json").write_text(json.dumps(cfg))
     (root / "config.json").write_text(json.dumps({"model": MODEL}))
     return path, tensors
@@ -336,8 +366,11 @@ def test_gemma_scope_npz(tmp_path: Path) -> None:
     assert not sae.config.apply_b_dec_to_input and sae.hook_name is None
     assert torch.equal(load(tmp_path / "params.npz").encode(activations(4)), sae.encode(activations(4)))
     x = activations(4)
-    want = ref_encode({n: a.astype(np.float64) for n, a in w.items()},
-                      {"architecture": "jumprelu", "apply_b_dec_to_input": False}, x.double().numpy())
+    want = ref_encode(
+        {n: a.astype(np.float64) for n, a in w.items()},
+        {"architecture": "jumprelu", "apply_b_dec_to_input": False},
+        x.double().numpy(),
+    )
     np.testing.assert_allclose(sae.encode(x).numpy(), want, rtol=1e-5, atol=1e-5)
     save(sae, tmp_path / "saelens")
     lens = LensSAE.load_from_disk(tmp_path / "saelens")
@@ -346,8 +379,11 @@ def test_gemma_scope_npz(tmp_path: Path) -> None:
         torch.testing.assert_close(lens(x), sae(x))
 
 
-def saelens_dir(tmp_path: Path, cfg_changes: dict[str, Any] | None = None,
-                weight_changes: dict[str, torch.Tensor | None] | None = None) -> Path:
+def saelens_dir(
+    tmp_path: Path,
+    cfg_changes: dict[str, Any] | None = None,
+    weight_changes: dict[str, torch.Tensor | None] | None = None,
+) -> Path:
     sae = make_sae("jumprelu", {})
     save(sae, tmp_path)
     if cfg_changes:
@@ -410,21 +446,26 @@ def test_load_errors_npz(tmp_path: Path) -> None:
     single_line_error(e, "pickled objects")
 
 
-@pytest.mark.parametrize(("cfg_changes", "weight_changes", "fragments"), [
-    ({"d_in": 8}, None, ("tensor W_enc", "(16, 64)", "(8, 64)")),
-    (None, {"b_enc": torch.zeros(D_SAE + 1)}, ("tensor b_enc", "(65,)", "(64,)")),
-    ({"architecture": "abstopk", "actstore": {}}, None, ("unknown SAE architecture 'abstopk'", "gated")),
-    (None, {"threshold": torch.full((D_SAE,), float("nan"))}, ("tensor threshold", "64 non-finite")),
-    (None, {"threshold": None}, ("lacks tensor(s) threshold",)),
-    (None, {"extra": torch.zeros(3)}, ("extra", "does not use")),
-    ({"normalize_activations": "layer_norm"}, None, ("layer_norm", "not supported")),
-    ({"dtype": "int8"}, None, ("dtype 'int8'",)),
-    ({"architecture": "topk", "actstore": {}}, {"threshold": None}, ("topk SAE needs an integer k",)),
-    ({"normalize_activations": "expected_average_only_in"}, None, ("activation_scaler.json",)),
-    ({"d_sae": -1}, None, ("d_sae", "greater than 0")),
-])
+@pytest.mark.parametrize(
+    ("cfg_changes", "weight_changes", "fragments"),
+    [
+        ({"d_in": 8}, None, ("tensor W_enc", "(16, 64)", "(8, 64)")),
+        (None, {"b_enc": torch.zeros(D_SAE + 1)}, ("tensor b_enc", "(65,)", "(64,)")),
+        ({"architecture": "abstopk", "actstore": {}}, None, ("unknown SAE architecture 'abstopk'", "gated")),
+        (None, {"threshold": torch.full((D_SAE,), float("nan"))}, ("tensor threshold", "64 non-finite")),
+        (None, {"threshold": None}, ("lacks tensor(s) threshold",)),
+        (None, {"extra": torch.zeros(3)}, ("extra", "does not use")),
+        ({"normalize_activations": "layer_norm"}, None, ("layer_norm", "not supported")),
+        ({"dtype": "int8"}, None, ("dtype 'int8'",)),
+        ({"architecture": "topk", "actstore": {}}, {"threshold": None}, ("topk SAE needs an integer k",)),
+        ({"normalize_activations": "expected_average_only_in"}, None, ("activation_scaler.json",)),
+        ({"d_sae": -1}, None, ("d_sae", "greater than 0")),
+    ],
+)
 def test_load_errors_config_and_weights(
-    tmp_path: Path, cfg_changes: dict[str, Any] | None, weight_changes: dict[str, Any] | None,
+    tmp_path: Path,
+    cfg_changes: dict[str, Any] | None,
+    weight_changes: dict[str, Any] | None,
     fragments: tuple[str, ...],
 ) -> None:
     with pytest.raises(UserError) as e:
@@ -458,6 +499,7 @@ def test_check_compatible() -> None:
     with pytest.raises(UserError) as e:
         check_compatible(sae, D_IN * 2, SITE, MODEL, allow_mismatch=True)
     single_line_error(e, f"d_in={D_IN}", f"width {D_IN * 2}")
-    unrecorded = SAE(sae.config.model_copy(update={"hook_name": None, "model_name": None}),
-                     dict(sae.named_parameters()))
+    unrecorded = SAE(
+        sae.config.model_copy(update={"hook_name": None, "model_name": None}), dict(sae.named_parameters())
+    )
     check_compatible(unrecorded, D_IN, "anything", "any-model", allow_mismatch=False)

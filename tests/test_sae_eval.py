@@ -48,8 +48,14 @@ def test_every_metric_matches_numpy() -> None:
     l0 = (lat != 0).sum(axis=1)
     x_norm, x_hat_norm = np.sqrt((x**2).sum(axis=1)), np.sqrt((x_hat**2).sum(axis=1))
     cosine = (x * x_hat).sum(axis=1) / (x_norm * x_hat_norm)
-    for field, expected in [("sq_error", sq_error), ("nmse", nmse), ("l0", l0), ("cosine", cosine),
-                            ("norm_ratio", x_hat_norm / x_norm), ("x_norm", x_norm)]:
+    for field, expected in [
+        ("sq_error", sq_error),
+        ("nmse", nmse),
+        ("l0", l0),
+        ("cosine", cosine),
+        ("norm_ratio", x_hat_norm / x_norm),
+        ("x_norm", x_norm),
+    ]:
         value = getattr(per_token, field)
         assert value.dtype == np.float32 and value.shape == (N,)
         np.testing.assert_allclose(value, expected, rtol=1e-6, err_msg=field)
@@ -139,9 +145,12 @@ def test_outlier_positions_use_the_batch_median() -> None:
 
 def random_sae(seed: int) -> SAE:
     g = torch.Generator().manual_seed(seed)
-    weights = {"W_enc": torch.randn(D_IN, D_SAE, generator=g) * 0.5,
-               "W_dec": torch.randn(D_SAE, D_IN, generator=g) * 0.5,
-               "b_enc": torch.randn(D_SAE, generator=g) * 0.1, "b_dec": torch.randn(D_IN, generator=g)}
+    weights = {
+        "W_enc": torch.randn(D_IN, D_SAE, generator=g) * 0.5,
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g) * 0.5,
+        "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
+        "b_dec": torch.randn(D_IN, generator=g),
+    }
     return SAE(SAEConfig(architecture="standard", d_in=D_IN, d_sae=D_SAE), weights)
 
 

@@ -61,9 +61,12 @@ def train_planted(arch: str, steps: int = STEPS, **overrides: Any) -> tuple[Trai
 
 def small_trainer(arch: str, **overrides: Any) -> Trainer:
     """d_in=16, d_sae=64 with normalization on, so the scale is exercised too."""
-    settings = {"topk": {"k": 3}, "batchtopk": {"k": 3.5}, "jumprelu": {"jumprelu_init_threshold": 0.3,
-                                                                          "jumprelu_bandwidth": 0.2},
-                "standard": {}}[arch]
+    settings = {
+        "topk": {"k": 3},
+        "batchtopk": {"k": 3.5},
+        "jumprelu": {"jumprelu_init_threshold": 0.3, "jumprelu_bandwidth": 0.2},
+        "standard": {},
+    }[arch]
     base = {"d_sae": 64, "total_tokens": 64 * 8, "batch_size": 64, "lr": 1e-2, "warmup_steps": 2}
     cfg = TrainConfig(architecture=arch, **(base | settings | overrides))  # type: ignore[arg-type]
     trainer = Trainer(cfg, 16)
@@ -89,11 +92,14 @@ def test_topk_recovers_planted_features() -> None:
     assert held_out["fvu"] < 0.25 and held_out["l0"] == 5  # measured fvu 0.162
 
 
-@pytest.mark.parametrize(("arch", "max_fvu", "max_l0"), [
-    ("batchtopk", 0.35, 10.0),  # measured fvu 0.243, l0 7.4 (threshold still rising from 0)
-    ("jumprelu", 0.35, 13.0),   # measured fvu 0.232, l0 8.8
-    ("standard", 0.30, 130.0),  # measured fvu 0.178, l0 93 (L1 keeps many small activations)
-])
+@pytest.mark.parametrize(
+    ("arch", "max_fvu", "max_l0"),
+    [
+        ("batchtopk", 0.35, 10.0),  # measured fvu 0.243, l0 7.4 (threshold still rising from 0)
+        ("jumprelu", 0.35, 13.0),  # measured fvu 0.232, l0 8.8
+        ("standard", 0.30, 130.0),  # measured fvu 0.178, l0 93 (L1 keeps many small activations)
+    ],
+)
 def test_other_architectures_learn_the_planted_data(arch: str, max_fvu: float, max_l0: float) -> None:
     trainer, data = train_planted(arch)
     held_out = evaluate(trainer.export(), [data.sample(4096)])
@@ -108,8 +114,9 @@ def test_sparse_paths_match_dense_autograd() -> None:
     """gather_pre + decode_sparse give the gradients of the dense computation they replace (float64)."""
     g = torch.Generator().manual_seed(0)
     rows, d, n = 12, 8, 40
-    x, b_dec, w_enc, b_enc, w_dec, target = (torch.randn(*s, generator=g, dtype=torch.float64)
-                                             for s in ((rows, d), (d,), (d, n), (n,), (n, d), (rows, d)))
+    x, b_dec, w_enc, b_enc, w_dec, target = (
+        torch.randn(*s, generator=g, dtype=torch.float64) for s in ((rows, d), (d,), (d, n), (n,), (n, d), (rows, d))
+    )
     pre = (x - b_dec) @ w_enc + b_enc
     for selection in (select_topk(pre, 5), select_batch_topk(pre, 4.5)):
         sparse_leaves = [t.clone().requires_grad_() for t in (b_dec, w_enc, b_enc, w_dec)]
@@ -227,8 +234,7 @@ def test_batchtopk_threshold_is_the_running_mean_of_the_smallest_kept_activation
 
 
 def test_learning_rate_schedule() -> None:
-    cfg = TrainConfig(d_sae=8, k=2, total_tokens=100, batch_size=1, lr=1.0, warmup_steps=10,
-                      decay_fraction=0.2)
+    cfg = TrainConfig(d_sae=8, k=2, total_tokens=100, batch_size=1, lr=1.0, warmup_steps=10, decay_fraction=0.2)
     assert [learning_rate(cfg, s) for s in (0, 4, 9, 50, 79)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
     assert [learning_rate(cfg, s) for s in (80, 90, 99)] == pytest.approx([1.0, 0.5, 0.05])
     cosine = cfg.model_copy(update={"decay": "cosine", "decay_fraction": 1.0, "warmup_steps": 0})
@@ -260,8 +266,12 @@ def test_b_dec_init_is_the_geometric_median() -> None:
     def total_distance(point: np.ndarray) -> float:
         return float(np.linalg.norm(data - point, axis=1).sum())
 
-    reference = scipy.optimize.minimize(total_distance, data.mean(axis=0), method="Nelder-Mead",
-                                        options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 20000}).x
+    reference = scipy.optimize.minimize(
+        total_distance,
+        data.mean(axis=0),
+        method="Nelder-Mead",
+        options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 20000},
+    ).x
     median = geometric_median(x).numpy()
     np.testing.assert_allclose(median, reference, atol=1e-4)
     assert total_distance(median) <= total_distance(reference) + 1e-6
@@ -394,16 +404,19 @@ def test_evaluate_matches_a_float64_brute_force() -> None:
 # --- errors the user can fix -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"k": 4}, "exactly one of d_sae and expansion_factor"),
-    ({"d_sae": 8, "expansion_factor": 2, "k": 4}, "exactly one of d_sae and expansion_factor"),
-    ({"d_sae": 8}, "integer k >= 1"),
-    ({"d_sae": 8, "k": 2.5}, "integer k >= 1"),
-    ({"d_sae": 8, "architecture": "batchtopk", "k": 0}, "k > 0"),
-    ({"d_sae": 8, "architecture": "jumprelu", "k": 4}, "only topk and batchtopk use k"),
-    ({"d_sae": 8, "k": 2, "total_tokens": 10}, "less than one batch"),
-    ({"d_sae": 8, "k": 2, "autocast": True}, "drop autocast or train on cuda"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"k": 4}, "exactly one of d_sae and expansion_factor"),
+        ({"d_sae": 8, "expansion_factor": 2, "k": 4}, "exactly one of d_sae and expansion_factor"),
+        ({"d_sae": 8}, "integer k >= 1"),
+        ({"d_sae": 8, "k": 2.5}, "integer k >= 1"),
+        ({"d_sae": 8, "architecture": "batchtopk", "k": 0}, "k > 0"),
+        ({"d_sae": 8, "architecture": "jumprelu", "k": 4}, "only topk and batchtopk use k"),
+        ({"d_sae": 8, "k": 2, "total_tokens": 10}, "less than one batch"),
+        ({"d_sae": 8, "k": 2, "autocast": True}, "drop autocast or train on cuda"),
+    ],
+)
 def test_config_errors(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(UserError, match=message):
         TrainConfig(**({"total_tokens": 8192} | fields))

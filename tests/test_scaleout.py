@@ -36,10 +36,31 @@ def dask_cluster(tmp_path: Path) -> Any:
     dead); yields the address and the worker processes."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    procs = [_start([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                    tmp_path / "scheduler.log")]
-    procs += [_start([DASK, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", f"w{i}",
-                      "--local-directory", str(tmp_path / f"w{i}")], tmp_path / f"worker{i}.log") for i in range(2)]
+    procs = [
+        _start(
+            [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            tmp_path / "scheduler.log",
+        )
+    ]
+    procs += [
+        _start(
+            [
+                DASK,
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--no-dashboard",
+                "--name",
+                f"w{i}",
+                "--local-directory",
+                str(tmp_path / f"w{i}"),
+            ],
+            tmp_path / f"worker{i}.log",
+        )
+        for i in range(2)
+    ]
     deadline = time.monotonic() + 90
     while True:
         try:
@@ -60,13 +81,15 @@ def dask_cluster(tmp_path: Path) -> Any:
 def test_dask_run_is_bit_identical_and_survives_a_killed_worker(tmp_path: Path, dask_cluster: Any) -> None:
     address, workers = dask_cluster
     # small shards: many tasks, so the harvest lasts long enough to kill a worker in the middle of it
-    config = tiny_pipeline(tmp_path, run={"threads": 1, "progress": False, "shard_chunks": 8, "retries": 1,
-                                          "retry_delay_seconds": 0})
+    config = tiny_pipeline(
+        tmp_path, run={"threads": 1, "progress": False, "shard_chunks": 8, "retries": 1, "retry_delay_seconds": 0}
+    )
     single = pipeline(str(config), store=str(tmp_path / "single"))
 
     result: dict[str, Any] = {}
-    run = threading.Thread(target=lambda: result.update(pipeline(str(config), dask_address=address,
-                                                                 store=str(tmp_path / "dask"))))
+    run = threading.Thread(
+        target=lambda: result.update(pipeline(str(config), dask_address=address, store=str(tmp_path / "dask")))
+    )
     run.start()
     harvest_dir = Store(tmp_path / "dask").harvest_dir(single["harvest_id"])
     n_chunks = Store(tmp_path / "single").manifest("harvest", single["harvest_id"]).counts["n_chunks"]

@@ -88,8 +88,7 @@ def test_noisy_runs_recover_the_law(seed: int) -> None:
 
 def test_screened_starts_reach_the_optimum_of_every_start() -> None:
     n, d, loss = noisy_runs(7, noise=0.015)
-    every = fit_chinchilla(n, d, loss, grid=Grid((0.0, 1.0, 2.0), (-1.0, 0.0, 1.0), (0.0, 10.0, 20.0)),
-                           n_starts=None)
+    every = fit_chinchilla(n, d, loss, grid=Grid((0.0, 1.0, 2.0), (-1.0, 0.0, 1.0), (0.0, 10.0, 20.0)), n_starts=None)
     screened = fit_chinchilla(n, d, loss, grid=EPOCH_GRID, n_starts=64)
     assert screened.objective <= every.objective * (1 + 1e-9)
     for name, value in every.params.items():
@@ -159,8 +158,9 @@ def _coverage(noise: float, seeds: int, n_boot: int) -> dict[str, int]:
     true_forecast = chinchilla(EPOCH, np.array([1e11]), np.array([1e12]))[0]
     for seed in range(seeds):
         n, d, loss = noisy_runs(1000 + seed, noise)
-        boot = bootstrap_fit(fit_chinchilla(n, d, loss, n_starts=8), {"N": n, "D": d}, loss, n_boot=n_boot,
-                             level=0.8, seed=seed)
+        boot = bootstrap_fit(
+            fit_chinchilla(n, d, loss, n_starts=8), {"N": n, "D": d}, loss, n_boot=n_boot, level=0.8, seed=seed
+        )
         for name, (low, high) in boot.intervals.items():
             hits[name] += low <= EPOCH[name] <= high
         ends = forecast(boot, target)
@@ -219,25 +219,28 @@ def test_block_bootstrap_over_documents_covers_where_tokens_do_not() -> None:
     assert by_token < 0.6 * trials
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda: fit_chinchilla([1e7] * 9, [1e9] * 10, [3.0] * 10), "x['D'] has 10 values"),
-    (lambda: fit_chinchilla([1e7, -1, 1e8, 1e9, 2e9], [1e9] * 5, [3.0] * 5), "not positive and finite"),
-    (lambda: fit_chinchilla([1e7, 1e8, 1e9, 2e9], [1e9] * 4, [3.0] * 4), "cannot determine the 5 parameters"),
-    (lambda: fit_single([1.0, 2.0, 3.0, 4.0], [1.0, 0.5, float("nan"), 0.2]), "loss has 1 values"),
-    (lambda: fit_single([[1.0, 2.0], [3.0, 4.0]], [1.0, 0.5]), "pass one value per run"),
-    (lambda: fit_power_law({}, [1.0]), "over 0 variables"),
-    (lambda: fit_power_law({c: [1.0] * 12 for c in "uvwxy"}, [1.0] * 12), "over 5 variables"),
-    (lambda: fit_single([1.0, 2.0, 3.0], [1.0, 0.5, 0.4], n_starts=0), "n_starts=0"),
-    (lambda: fit_single([1.0, 2.0, 3.0], [1.0, 0.5, 0.4], delta=0.0), "delta=0.0"),
-    (lambda: fit_single([1.0, 2.0, 3.0], [1.0, 0.5, 0.4], grid=Grid(exponents=())), "empty axis"),
-    (lambda: mean_with_interval([1.0, float("nan")]), "non-finite"),
-    (lambda: mean_with_interval([]), "no values to average"),
-    (lambda: mean_with_interval([1.0, 2.0], groups=[0]), "groups has 1 labels for 2 values"),
-    (lambda: mean_with_interval([1.0, 2.0], groups=["doc", "doc"]), "at least 2 groups"),
-    (lambda: mean_with_interval([1.0]), "at least 2 tokens"),
-    (lambda: mean_with_interval([1.0, 2.0], n_boot=1), "n_boot=1"),
-    (lambda: mean_with_interval([1.0, 2.0], level=95), "level=95"),
-])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: fit_chinchilla([1e7] * 9, [1e9] * 10, [3.0] * 10), "x['D'] has 10 values"),
+        (lambda: fit_chinchilla([1e7, -1, 1e8, 1e9, 2e9], [1e9] * 5, [3.0] * 5), "not positive and finite"),
+        (lambda: fit_chinchilla([1e7, 1e8, 1e9, 2e9], [1e9] * 4, [3.0] * 4), "cannot determine the 5 parameters"),
+        (lambda: fit_single([1.0, 2.0, 3.0, 4.0], [1.0, 0.5, float("nan"), 0.2]), "loss has 1 values"),
+        (lambda: fit_single([[1.0, 2.0], [3.0, 4.0]], [1.0, 0.5]), "pass one value per run"),
+        (lambda: fit_power_law({}, [1.0]), "over 0 variables"),
+        (lambda: fit_power_law({c: [1.0] * 12 for c in "uvwxy"}, [1.0] * 12), "over 5 variables"),
+        (lambda: fit_single([1.0, 2.0, 3.0], [1.0, 0.5, 0.4], n_starts=0), "n_starts=0"),
+        (lambda: fit_single([1.0, 2.0, 3.0], [1.0, 0.5, 0.4], delta=0.0), "delta=0.0"),
+        (lambda: fit_single([1.0, 2.0, 3.0], [1.0, 0.5, 0.4], grid=Grid(exponents=())), "empty axis"),
+        (lambda: mean_with_interval([1.0, float("nan")]), "non-finite"),
+        (lambda: mean_with_interval([]), "no values to average"),
+        (lambda: mean_with_interval([1.0, 2.0], groups=[0]), "groups has 1 labels for 2 values"),
+        (lambda: mean_with_interval([1.0, 2.0], groups=["doc", "doc"]), "at least 2 groups"),
+        (lambda: mean_with_interval([1.0]), "at least 2 tokens"),
+        (lambda: mean_with_interval([1.0, 2.0], n_boot=1), "n_boot=1"),
+        (lambda: mean_with_interval([1.0, 2.0], level=95), "level=95"),
+    ],
+)
 def test_bad_inputs_name_the_fix(call: Callable[[], object], message: str) -> None:
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         call()

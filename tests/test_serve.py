@@ -26,16 +26,20 @@ from tests.helpers import cli_popen, tiny_pipeline
 
 def _runs(deployment: str) -> list[FlowRun]:
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
-                                     sort=FlowRunSort.START_TIME_ASC)
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+            sort=FlowRunSort.START_TIME_ASC,
+        )
 
 
 def _shard_states(parent: FlowRun) -> dict[str, set[str]]:
     with get_client(sync_client=True) as client:
-        (steps,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        (steps,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id]))
+        )
         tasks = client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[steps.id])))
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[steps.id]))
+        )
     states: dict[str, set[str]] = {}
     for t in tasks:
         states.setdefault(t.name.rsplit("-", 1)[0], set()).add(t.state.name if t.state else "")

@@ -37,8 +37,9 @@ A, B = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, SyntheticStore]:
     root = tmp_path_factory.mktemp("shards")
-    made = write_synthetic_store(root, N_SEQS, CTX, CHUNK,
-                                 [{A: (8, "float32"), B: (6, "bfloat16")}, {A: (5, "float16")}])
+    made = write_synthetic_store(
+        root, N_SEQS, CTX, CHUNK, [{A: (8, "float32"), B: (6, "bfloat16")}, {A: (5, "float16")}]
+    )
     return Store(root), made
 
 
@@ -90,17 +91,22 @@ FILTERS = [
 
 
 @pytest.mark.parametrize("filters", FILTERS, ids=["all", "train-nobos", "holdout-range"])
-def test_every_kept_row_once_over_ranks_and_workers(synth: tuple[Store, SyntheticStore],
-                                                    filters: dict[str, Any]) -> None:
+def test_every_kept_row_once_over_ranks_and_workers(
+    synth: tuple[Store, SyntheticStore], filters: dict[str, Any]
+) -> None:
     store, made = synth
     srcs = sources(made)
-    expected = np.flatnonzero(brute_mask(token_table(store, made), filters.get("split"),
-                                         filters.get("drop_positions", set()), filters.get("rows")))
+    expected = np.flatnonzero(
+        brute_mask(
+            token_table(store, made), filters.get("split"), filters.get("drop_positions", set()), filters.get("rows")
+        )
+    )
     reference = reference_rows(store, srcs)
     seen, sizes = [], []
     for rank in range(2):
-        reader = ShardReader(store, srcs, batch_size=96, seed=3, buffer_tokens=1024, with_tok=True, rank=rank,
-                             world_size=2, **filters)
+        reader = ShardReader(
+            store, srcs, batch_size=96, seed=3, buffer_tokens=1024, with_tok=True, rank=rank, world_size=2, **filters
+        )
         assert reader.n_rows == len(expected)
         batches = epoch_batches(make_loader(reader, num_workers=2))
         for batch in batches:
@@ -119,8 +125,17 @@ def test_drop_last_serves_only_full_batches(synth: tuple[Store, SyntheticStore])
     store, made = synth
     seen = []
     for rank in range(2):
-        reader = ShardReader(store, sources(made)[:1], batch_size=300, buffer_tokens=1024, with_tok=True,
-                             rank=rank, world_size=2, split="train", drop_last=True)
+        reader = ShardReader(
+            store,
+            sources(made)[:1],
+            batch_size=300,
+            buffer_tokens=1024,
+            with_tok=True,
+            rank=rank,
+            world_size=2,
+            split="train",
+            drop_last=True,
+        )
         batches = list(reader)
         assert all(len(b.tok) == 300 for b in batches)
         seen.append(toks_of(batches))
@@ -133,10 +148,12 @@ def test_drop_last_serves_only_full_batches(synth: tuple[Store, SyntheticStore])
 def test_columns_and_stored_dtype(synth: tuple[Store, SyntheticStore]) -> None:
     store, made = synth
     reader = ShardReader(store, sources(made), batch_size=64, buffer_tokens=512, with_tok=True)
-    assert reader.columns == {f"{made.harvest_ids[0]}/{A}": slice(0, 8), f"{made.harvest_ids[0]}/{B}": slice(8, 14),
-                              f"{made.harvest_ids[1]}/{A}": slice(14, 19)}
-    bf16 = ShardReader(store, [(made.harvest_ids[0], B)], batch_size=64, buffer_tokens=512, with_tok=True,
-                       dtype=None)
+    assert reader.columns == {
+        f"{made.harvest_ids[0]}/{A}": slice(0, 8),
+        f"{made.harvest_ids[0]}/{B}": slice(8, 14),
+        f"{made.harvest_ids[1]}/{A}": slice(14, 19),
+    }
+    bf16 = ShardReader(store, [(made.harvest_ids[0], B)], batch_size=64, buffer_tokens=512, with_tok=True, dtype=None)
     bits = zarr.open_array(store.harvest_dir(made.harvest_ids[0]) / f"{B}.zarr", mode="r")[:]
     batch = next(iter(bf16))
     assert batch.acts.dtype == torch.bfloat16
@@ -167,11 +184,25 @@ def test_seeded_order(synth: tuple[Store, SyntheticStore]) -> None:
     np.testing.assert_array_equal(toks_of(list(reader)), second)
 
 
-def run_loader(store: Store, made: SyntheticStore, num_workers: int, state: str | None = None,
-               stop_after: int | None = None, epochs: int = 2) -> tuple[list[TokBatch], str]:
+def run_loader(
+    store: Store,
+    made: SyntheticStore,
+    num_workers: int,
+    state: str | None = None,
+    stop_after: int | None = None,
+    epochs: int = 2,
+) -> tuple[list[TokBatch], str]:
     """Batches of `epochs` epochs (or the first `stop_after`), resuming from a JSON `state` when given."""
-    reader = ShardReader(store, sources(made), batch_size=100, seed=7, buffer_tokens=1024, with_tok=True,
-                         split="train", drop_positions={0})
+    reader = ShardReader(
+        store,
+        sources(made),
+        batch_size=100,
+        seed=7,
+        buffer_tokens=1024,
+        with_tok=True,
+        split="train",
+        drop_positions={0},
+    )
     loader = make_loader(reader, num_workers=num_workers)
     if state is not None:
         loader.load_state_dict(json.loads(state))
@@ -185,8 +216,9 @@ def run_loader(store: Store, made: SyntheticStore, num_workers: int, state: str 
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_from_json_state_continues_with_the_identical_batches(synth: tuple[Store, SyntheticStore],
-                                                                     num_workers: int) -> None:
+def test_resume_from_json_state_continues_with_the_identical_batches(
+    synth: tuple[Store, SyntheticStore], num_workers: int
+) -> None:
     store, made = synth
     whole, _ = run_loader(store, made, num_workers)
     per_epoch = len(whole) // 2
@@ -223,8 +255,9 @@ def test_batches_mix_documents(mixing_store: tuple[Store, SyntheticStore]) -> No
     n = len(made.doc)
 
     def docs_per_batch(seed: int) -> list[set[int]]:
-        reader = ShardReader(store, [(made.harvest_ids[0], A)], batch_size=128, seed=seed, buffer_tokens=2048,
-                             with_tok=True)
+        reader = ShardReader(
+            store, [(made.harvest_ids[0], A)], batch_size=128, seed=seed, buffer_tokens=2048, with_tok=True
+        )
         return [set(made.doc[b.tok.numpy()].tolist()) for b in reader]
 
     sequential = [set(made.doc[s : s + 128].tolist()) for s in range(0, n, 128)]
@@ -243,15 +276,28 @@ def test_real_harvest_two_sites(tmp_path: Path) -> None:
     process that has run Prefect flows (forked workers would fail as they exit: see make_loader)."""
     model_dir = build_tiny_model("llama", tmp_path / "llama")
     root = tmp_path / "store"
-    corpus = ingest(str(root), CorpusConfig(source="text", paths=(str(write_text_corpus(tmp_path / "docs")),),
-                                            tokenizer=ModelConfig(name=str(model_dir)), ctx_len=16,
-                                            holdout_fraction=0.3))
-    config = HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)), sites=(A, B),
-                           batch_windows=4)
+    corpus = ingest(
+        str(root),
+        CorpusConfig(
+            source="text",
+            paths=(str(write_text_corpus(tmp_path / "docs")),),
+            tokenizer=ModelConfig(name=str(model_dir)),
+            ctx_len=16,
+            holdout_fraction=0.3,
+        ),
+    )
+    config = HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)), sites=(A, B), batch_windows=4)
     harvested = harvest(str(root), config, HarvestRuntime(progress=False, device="cpu"))
     store = Store(root)
-    reader = ShardReader(store, [(harvested.id, A), (harvested.id, B)], batch_size=50, buffer_tokens=256,
-                         split="train", drop_positions={0}, with_tok=True)
+    reader = ShardReader(
+        store,
+        [(harvested.id, A), (harvested.id, B)],
+        batch_size=50,
+        buffer_tokens=256,
+        split="train",
+        drop_positions={0},
+        with_tok=True,
+    )
     batches = list(make_loader(reader, num_workers=2))
     tok = toks_of(batches)
     n = harvested.counts["n_tokens"]
@@ -271,22 +317,31 @@ def test_compressed_arrays_are_read_through_zarr(synth: tuple[Store, SyntheticSt
     plain = store.activations(made.harvest_ids[0], B)
     attrs = plain.attrs.model_copy(update={"harvest_id": "harvest-compressed"})
     directory = store.harvest_dir("harvest-compressed")
-    compressed = zarr.create_array(store=directory / f"{B}.zarr", shape=plain.shape, dtype=plain.zarr.dtype,
-                                   chunks=(CHUNK // 2, plain.shape[1]), compressors=zarr.codecs.ZstdCodec(level=1),
-                                   attributes=attrs.model_dump(mode="json"))
+    compressed = zarr.create_array(
+        store=directory / f"{B}.zarr",
+        shape=plain.shape,
+        dtype=plain.zarr.dtype,
+        chunks=(CHUNK // 2, plain.shape[1]),
+        compressors=zarr.codecs.ZstdCodec(level=1),
+        attributes=attrs.model_dump(mode="json"),
+    )
     compressed[:] = plain.zarr[:]
     manifest = store.manifest("harvest", made.harvest_ids[0]).model_copy(
-        update={"id": "harvest-compressed", "extra": {"arrays": {B: {}}, "corpus_id": made.corpus_id}})
+        update={"id": "harvest-compressed", "extra": {"arrays": {B: {}}, "corpus_id": made.corpus_id}}
+    )
     write_manifest(directory, manifest)
     assert not _ChunkFiles(store.activations("harvest-compressed", B)).plain
     srcs = [("harvest-compressed", B), (made.harvest_ids[0], A)]
     reader = ShardReader(store, srcs, batch_size=100, buffer_tokens=1024, with_tok=True, split="holdout")
     batches = list(reader)
     tok = toks_of(batches)
-    np.testing.assert_array_equal(np.sort(tok), np.flatnonzero(brute_mask(token_table(store, made), "holdout",
-                                                                          set(), None)))
-    np.testing.assert_array_equal(torch.cat([b.acts for b in batches]).numpy(),
-                                  reference_rows(store, [(made.harvest_ids[0], B), (made.harvest_ids[0], A)])[tok])
+    np.testing.assert_array_equal(
+        np.sort(tok), np.flatnonzero(brute_mask(token_table(store, made), "holdout", set(), None))
+    )
+    np.testing.assert_array_equal(
+        torch.cat([b.acts for b in batches]).numpy(),
+        reference_rows(store, [(made.harvest_ids[0], B), (made.harvest_ids[0], A)])[tok],
+    )
 
 
 def test_damaged_chunk_files_are_user_errors(tmp_path: Path) -> None:
@@ -325,8 +380,9 @@ BAD_SETTINGS = [
 
 
 @pytest.mark.parametrize(("settings", "message"), BAD_SETTINGS)
-def test_bad_settings_are_user_errors(synth: tuple[Store, SyntheticStore], settings: dict[str, Any],
-                                      message: str) -> None:
+def test_bad_settings_are_user_errors(
+    synth: tuple[Store, SyntheticStore], settings: dict[str, Any], message: str
+) -> None:
     store, made = synth
     kwargs: dict[str, Any] = {"batch_size": 64, **settings}
     with pytest.raises(UserError, match=message):
@@ -344,8 +400,9 @@ def test_bad_sources_are_user_errors(synth: tuple[Store, SyntheticStore]) -> Non
     other = write_synthetic_store(store.root, N_SEQS, CTX, CHUNK, [{A: (3, "float32")}], seed=9)
     with pytest.raises(UserError, match="from corpus"):
         ShardReader(store, [(made.harvest_ids[0], A), (other.harvest_ids[0], A)], batch_size=8)
-    shorter = write_synthetic_harvest(store, made.corpus_id, "harvest-shorter", {A: (3, "float32")}, CTX * 10, CTX,
-                                      CHUNK, np.random.default_rng(0))  # the same corpus, fewer tokens
+    shorter = write_synthetic_harvest(
+        store, made.corpus_id, "harvest-shorter", {A: (3, "float32")}, CTX * 10, CTX, CHUNK, np.random.default_rng(0)
+    )  # the same corpus, fewer tokens
     with pytest.raises(UserError, match="has 8192 rows but harvest-shorter"):
         ShardReader(store, [(shorter, A), (made.harvest_ids[0], A)], batch_size=8)
 

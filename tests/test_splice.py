@@ -55,16 +55,19 @@ def hand_hook(model: nn.Module, family: str, site: str, fn: Callable[[Tensor], T
     layer, hook = int(site.split(".")[1]), site.split(".hook_")[1]
     block = f"{LAYERS[family]}.{layer}"
     if hook == "resid_pre":
+
         def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if args:
                 return (fn(args[0]), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
         handle = model.get_submodule(block).register_forward_pre_hook(pre, with_kwargs=True)
     else:
         path = {"resid_post": block, "mlp_out": f"{block}.{MLP[family]}", "attn_out": f"{block}.{ATTN[family]}"}[hook]
 
         def post(_m: nn.Module, _a: object, out: Any) -> Any:
             return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
+
         handle = model.get_submodule(path).register_forward_hook(post)
     try:
         yield
@@ -75,7 +78,8 @@ def hand_hook(model: nn.Module, family: str, site: str, fn: Callable[[Tensor], T
 def reference_ce(logits: Tensor, ids: Tensor) -> Tensor:
     """[B, T-1] next-token cross entropy in float64."""
     return F.cross_entropy(logits[:, :-1].double().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
-        ids.shape[0], -1)
+        ids.shape[0], -1
+    )
 
 
 def body(values: Tensor, ids: Tensor) -> Tensor:
@@ -107,8 +111,9 @@ def test_identity_replacement_changes_nothing(models: dict[str, PreTrainedModel]
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("site", SITES)
-def test_zero_replacement_matches_a_hand_made_hook(models: dict[str, PreTrainedModel], ids: Tensor, family: str,
-                                                   site: str) -> None:
+def test_zero_replacement_matches_a_hand_made_hook(
+    models: dict[str, PreTrainedModel], ids: Tensor, family: str, site: str
+) -> None:
     model = models[family]
     result = downstream(model, resolve_sites(model, [site]), ids, {"zero": {site: zero_replacement()}})
     zeroed = logits_with(model, family, site, torch.zeros_like, ids)
@@ -119,16 +124,26 @@ def test_zero_replacement_matches_a_hand_made_hook(models: dict[str, PreTrainedM
 def test_kl_matches_numpy(models: dict[str, PreTrainedModel], ids: Tensor) -> None:
     model, site = models["llama"], "blocks.1.hook_resid_post"
     mean = torch.linspace(-1.0, 1.0, D_MODEL)
-    result = downstream(model, resolve_sites(model, [site]), ids,
-                        {"half": {site: lambda x: 0.5 * x}, "mean": {site: mean_replacement(mean)}})
+    result = downstream(
+        model,
+        resolve_sites(model, [site]),
+        ids,
+        {"half": {site: lambda x: 0.5 * x}, "mean": {site: mean_replacement(mean)}},
+    )
     with torch.inference_mode():
         clean = model(input_ids=ids).logits.double().numpy()
     for name, fn in [("half", lambda x: 0.5 * x), ("mean", lambda x: mean.expand(x.shape))]:
         variant = logits_with(model, "llama", site, fn, ids).double().numpy()
-        log_p = clean - np.log(np.exp(clean - clean.max(-1, keepdims=True)).sum(-1, keepdims=True)) - clean.max(
-            -1, keepdims=True)
-        log_q = variant - np.log(np.exp(variant - variant.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
-            variant.max(-1, keepdims=True)
+        log_p = (
+            clean
+            - np.log(np.exp(clean - clean.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - clean.max(-1, keepdims=True)
+        )
+        log_q = (
+            variant
+            - np.log(np.exp(variant - variant.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - variant.max(-1, keepdims=True)
+        )
         kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)[:, :-1]
         assert kl.min() > 1e-4
         np.testing.assert_allclose(body(result[name].kl, ids).numpy(), kl, rtol=1e-4, atol=1e-6, err_msg=name)
@@ -137,8 +152,12 @@ def test_kl_matches_numpy(models: dict[str, PreTrainedModel], ids: Tensor) -> No
 def perfect_sae(d: int) -> SAE:
     """relu(x) - relu(-x) == x: latents [x+, x-] and a decoder that subtracts them reconstruct exactly."""
     eye = torch.eye(d)
-    weights = {"W_enc": torch.cat([eye, -eye], dim=1), "W_dec": torch.cat([eye, -eye], dim=0),
-               "b_enc": torch.zeros(2 * d), "b_dec": torch.zeros(d)}
+    weights = {
+        "W_enc": torch.cat([eye, -eye], dim=1),
+        "W_dec": torch.cat([eye, -eye], dim=0),
+        "b_enc": torch.zeros(2 * d),
+        "b_dec": torch.zeros(d),
+    }
     return SAE(SAEConfig(architecture="standard", d_in=d, d_sae=2 * d), weights)
 
 
@@ -148,8 +167,12 @@ def test_a_perfect_sae_recovers_all_of_the_loss(models: dict[str, PreTrainedMode
     sae = perfect_sae(D_MODEL)
     x = torch.randn(50, D_MODEL)
     assert torch.equal(sae.decode(sae.encode(x)), x)
-    result = downstream(model, resolve_sites(model, [site]), ids,
-                        {"sae": {site: sae_replacement(sae)}, "zero": {site: zero_replacement()}})
+    result = downstream(
+        model,
+        resolve_sites(model, [site]),
+        ids,
+        {"sae": {site: sae_replacement(sae)}, "zero": {site: zero_replacement()}},
+    )
     assert torch.equal(result["sae"].ce.nan_to_num(), result["clean"].ce.nan_to_num())
     assert torch.equal(result["sae"].kl.nan_to_num(), torch.zeros(ids.numel()))
     clean, spliced, ablated = (float(result[k].ce.nanmean()) for k in ("clean", "sae", "zero"))
@@ -178,6 +201,7 @@ def test_keep_leaves_those_positions_clean(models: dict[str, PreTrainedModel], i
 
     def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen.append((args[0] if args else kwargs["hidden_states"]).clone())
+
     handle = model.model.layers[1].register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.inference_mode():
@@ -198,10 +222,12 @@ def test_keep_leaves_those_positions_clean(models: dict[str, PreTrainedModel], i
 
 def directional_ablation(r: Tensor, delta: Tensor) -> Callable[[Tensor], Tensor]:
     """(x + delta) - r rᵀ(x + delta) with r normalised: delta's gradient is d loss / d x at the site."""
+
     def ablate(x: Tensor) -> Tensor:
         shifted = x + delta
         unit = r / r.norm()
         return shifted - (shifted @ unit).unsqueeze(-1) * unit
+
     return ablate
 
 
@@ -211,8 +237,7 @@ def test_gradients_flow_through_a_splice(models: dict[str, PreTrainedModel], ids
     direction = torch.linspace(-1.0, 2.0, D_MODEL)
 
     def leaves() -> tuple[Tensor, list[Tensor]]:
-        return direction.clone().requires_grad_(), [torch.zeros(*ids.shape, D_MODEL, requires_grad=True)
-                                                    for _ in sites]
+        return direction.clone().requires_grad_(), [torch.zeros(*ids.shape, D_MODEL, requires_grad=True) for _ in sites]
 
     def loss(logits: Tensor) -> Tensor:
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
@@ -223,8 +248,10 @@ def test_gradients_flow_through_a_splice(models: dict[str, PreTrainedModel], ids
         loss(model(input_ids=ids).logits).backward()
 
     r_hand, deltas_hand = leaves()
-    with hand_hook(model, "llama", sites[0], directional_ablation(r_hand, deltas_hand[0])), \
-            hand_hook(model, "llama", sites[1], directional_ablation(r_hand, deltas_hand[1])):
+    with (
+        hand_hook(model, "llama", sites[0], directional_ablation(r_hand, deltas_hand[0])),
+        hand_hook(model, "llama", sites[1], directional_ablation(r_hand, deltas_hand[1])),
+    ):
         loss(model(input_ids=ids).logits).backward()
 
     assert r.grad is not None and r_hand.grad is not None and r.grad.abs().max() > 0

@@ -19,8 +19,18 @@ from actstore.store.objects import atomic_write_json, object_lock, remove_temp_f
 
 
 def _attrs(site: str, dtype: str, n: int, d: int, chunk: int) -> ActivationAttrs:
-    return ActivationAttrs(harvest_id="h", corpus_id="c", site=site, module="m", model="x", logical_dtype=dtype,
-                           n_tokens=n, d=d, ctx_len=4, chunk_tokens=chunk)
+    return ActivationAttrs(
+        harvest_id="h",
+        corpus_id="c",
+        site=site,
+        module="m",
+        model="x",
+        logical_dtype=dtype,
+        n_tokens=n,
+        d=d,
+        ctx_len=4,
+        chunk_tokens=chunk,
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -43,8 +53,10 @@ def test_arrays_round_trip_every_dtype_bit_exact(tmp_path: Path, dtype: str) -> 
         assert back.dtype == np.dtype(dtype)
         assert np.array_equal(back.view(np.uint8), source.numpy().view(np.uint8))
     assert read.shape == (n, d) and read.attrs.logical_dtype == dtype
-    assert torch.equal(torch.as_tensor(np.asarray(read[5:7], dtype=np.float32)) if dtype != "bfloat16"
-                       else read[5:7].float(), source[5:7].float())
+    assert torch.equal(
+        torch.as_tensor(np.asarray(read[5:7], dtype=np.float32)) if dtype != "bfloat16" else read[5:7].float(),
+        source[5:7].float(),
+    )
 
 
 def test_reopening_checks_shape_and_keeps_done_markers(tmp_path: Path) -> None:
@@ -87,8 +99,10 @@ def test_staged_directory_publishes_only_on_success(tmp_path: Path) -> None:
 
 def test_lock_refuses_a_second_holder_and_frees_on_sigkill(tmp_path: Path) -> None:
     target = tmp_path / "obj"
-    code = (f"import time\nfrom pathlib import Path\nfrom store.objects import object_lock\n"
-            f"with object_lock(Path({str(target)!r})):\n    print('held', flush=True)\n    time.sleep(60)\n")
+    code = (
+        f"import time\nfrom pathlib import Path\nfrom store.objects import object_lock\n"
+        f"with object_lock(Path({str(target)!r})):\n    print('held', flush=True)\n    time.sleep(60)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
     with pytest.raises(UserError, match=f"pid {holder.pid}"), object_lock(target):

@@ -28,8 +28,19 @@ from actstore.store.root import Store
 from actstore.store.shards import ShardReader
 from actstore.transforms.sae import load
 
-MIXTURE = SyntheticConfig(kind="gaussian_mixture", n_tokens=32768, d=8, components=4, spread=6.0, scale=1.0,
-                          anisotropy=4.0, ctx_len=64, chunk_tokens=4096, seed=5, holdout_fraction=0.25)
+MIXTURE = SyntheticConfig(
+    kind="gaussian_mixture",
+    n_tokens=32768,
+    d=8,
+    components=4,
+    spread=6.0,
+    scale=1.0,
+    anisotropy=4.0,
+    ctx_len=64,
+    chunk_tokens=4096,
+    seed=5,
+    holdout_fraction=0.25,
+)
 
 
 def log_likelihoods(x: np.ndarray, means: np.ndarray, stds: np.ndarray) -> np.ndarray:
@@ -51,19 +62,22 @@ def mixture(root: Path) -> str:
 # --- config -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fields", "needle"), [
-    ({"d": 0}, "d must be positive, got 0: pass --d 1"),
-    ({"d": -3}, "synthetic d must be positive"),
-    ({"components": 0}, "components must be >= 1"),
-    ({"n_tokens": 0}, "n_tokens must be positive"),
-    ({"n_tokens": 1000}, "pass --tokens 896 or 1024"),
-    ({"n_tokens": 100}, "pass --tokens 128$"),
-    ({"chunk_tokens": 100}, "chunk_tokens 100 is not a whole number"),
-    ({"scale": 0.0}, "scale must be > 0"),
-    ({"spread": -1.0}, "spread must be >= 0"),
-    ({"anisotropy": 0.5}, "anisotropy must be >= 1"),
-    ({"holdout_fraction": 1.5}, "pass --holdout in"),
-])
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"d": 0}, "d must be positive, got 0: pass --d 1"),
+        ({"d": -3}, "synthetic d must be positive"),
+        ({"components": 0}, "components must be >= 1"),
+        ({"n_tokens": 0}, "n_tokens must be positive"),
+        ({"n_tokens": 1000}, "pass --tokens 896 or 1024"),
+        ({"n_tokens": 100}, "pass --tokens 128$"),
+        ({"chunk_tokens": 100}, "chunk_tokens 100 is not a whole number"),
+        ({"scale": 0.0}, "scale must be > 0"),
+        ({"spread": -1.0}, "spread must be >= 0"),
+        ({"anisotropy": 0.5}, "anisotropy must be >= 1"),
+        ({"holdout_fraction": 1.5}, "pass --holdout in"),
+    ],
+)
 def test_bad_config_is_a_one_line_user_error(fields: dict, needle: str) -> None:
     with pytest.raises(UserError, match=needle) as info:
         SyntheticConfig(**{"n_tokens": 1024, "d": 4, **fields})
@@ -152,8 +166,12 @@ def test_corpus_and_manifest_are_shaped_like_real_ones(root: Path, mixture: str)
     assert (tokens["pos"] == tokens["tok"] % 64).all()
     # the split of window s is the text-hash rule applied to its text, the same for every token of the window
     windows = tokens.group_by("seq").agg(pl.col("split").cast(pl.String).unique()).sort("seq")
-    expected = ["holdout" if int(hashlib.sha256(f"synthetic-window-{s}".encode()).hexdigest()[:8], 16) / 2**32
-                < 0.25 else "train" for s in range(MIXTURE.n_seqs)]
+    expected = [
+        "holdout"
+        if int(hashlib.sha256(f"synthetic-window-{s}".encode()).hexdigest()[:8], 16) / 2**32 < 0.25
+        else "train"
+        for s in range(MIXTURE.n_seqs)
+    ]
     assert windows["split"].to_list() == [[s] for s in expected]
     assert 0.1 < corpus.counts["tokens_by_split.holdout"] / MIXTURE.n_tokens < 0.4
     # a shard reader takes the train split only
@@ -185,8 +203,10 @@ def test_resume_after_losing_chunks_gives_identical_bytes(tmp_path: Path) -> Non
     resumed = synthetic(str(tmp_path / "resumed"), config, progress=False)
     assert resumed.id == reference.id and resumed.timings["tokens_this_run"] == 3 * 512
     assert chunk_bytes(tmp_path / "resumed", resumed.id) == expected
-    with np.load(directory / GROUND_TRUTH) as a, np.load(Store(tmp_path / "reference").harvest_dir(reference.id)
-                                                          / GROUND_TRUTH) as b:
+    with (
+        np.load(directory / GROUND_TRUTH) as a,
+        np.load(Store(tmp_path / "reference").harvest_dir(reference.id) / GROUND_TRUTH) as b,
+    ):
         assert all(np.array_equal(a[k], b[k]) for k in ("weights", "means", "stds"))
     # a finished set is returned as it is
     assert synthetic(str(tmp_path / "resumed"), config, progress=False) == resumed
@@ -197,10 +217,26 @@ def test_resume_after_losing_chunks_gives_identical_bytes(tmp_path: Path) -> Non
 
 def test_train_and_encode_run_on_a_synthetic_harvest(root: Path, mixture: str) -> None:
     store = Store(root)
-    train_cfg = TrainConfig(architecture="topk", d_sae=16, k=1, total_tokens=256 * 60, batch_size=256, lr=1e-2,
-                            warmup_steps=5, init_tokens=2048, seed=1)
-    run = TrainRun(harvest_id=mixture, site=SYNTHETIC_SITE, train=train_cfg, buffer_tokens=4096, drop_bos=False,
-                   checkpoint_every=100, eval_tokens=4096)
+    train_cfg = TrainConfig(
+        architecture="topk",
+        d_sae=16,
+        k=1,
+        total_tokens=256 * 60,
+        batch_size=256,
+        lr=1e-2,
+        warmup_steps=5,
+        init_tokens=2048,
+        seed=1,
+    )
+    run = TrainRun(
+        harvest_id=mixture,
+        site=SYNTHETIC_SITE,
+        train=train_cfg,
+        buffer_tokens=4096,
+        drop_bos=False,
+        checkpoint_every=100,
+        eval_tokens=4096,
+    )
     sae = train(str(root), run, progress=False)
     directory = store.sae_dir(sae.id)
     # the components' means carry ~97% of the variance (spread 6 against scale 1): one latent a token finds them

@@ -34,20 +34,40 @@ def harvested(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("train")
     model_dir = build_tiny_model("llama", base / "llama")
     root = base / "store"
-    corpus = ingest(str(root), CorpusConfig(source="text", paths=(str(write_text_corpus(base / "docs", 200)),),
-                                            tokenizer=ModelConfig(name=str(model_dir)), ctx_len=16,
-                                            holdout_fraction=0.2, max_tokens=16384))
-    manifest = harvest(str(root), HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)),
-                                                sites=(SITE,), batch_windows=16),
-                       HarvestRuntime(progress=False, device="cpu"))
+    corpus = ingest(
+        str(root),
+        CorpusConfig(
+            source="text",
+            paths=(str(write_text_corpus(base / "docs", 200)),),
+            tokenizer=ModelConfig(name=str(model_dir)),
+            ctx_len=16,
+            holdout_fraction=0.2,
+            max_tokens=16384,
+        ),
+    )
+    manifest = harvest(
+        str(root),
+        HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)), sites=(SITE,), batch_windows=16),
+        HarvestRuntime(progress=False, device="cpu"),
+    )
     return {"base": base, "root": root, "harvest": manifest.id}
 
 
 def run_config(harvest_id: str, tokens: int = 256 * 60) -> TrainRun:
-    train_cfg = TrainConfig(architecture="topk", d_sae=128, k=4, total_tokens=tokens, batch_size=256, lr=3e-3,
-                            warmup_steps=5, init_tokens=2048, seed=1)
-    return TrainRun(harvest_id=harvest_id, site=SITE, train=train_cfg, buffer_tokens=2048, checkpoint_every=10,
-                    eval_tokens=4096)
+    train_cfg = TrainConfig(
+        architecture="topk",
+        d_sae=128,
+        k=4,
+        total_tokens=tokens,
+        batch_size=256,
+        lr=3e-3,
+        warmup_steps=5,
+        init_tokens=2048,
+        seed=1,
+    )
+    return TrainRun(
+        harvest_id=harvest_id, site=SITE, train=train_cfg, buffer_tokens=2048, checkpoint_every=10, eval_tokens=4096
+    )
 
 
 def test_trained_sae_loads_in_saelens_with_equal_encodings(harvested: dict) -> None:
@@ -78,9 +98,33 @@ def test_trained_sae_loads_in_saelens_with_equal_encodings(harvested: dict) -> N
 def test_killed_training_resumes_to_identical_weights(harvested: dict) -> None:
     root = harvested["root"]
     run = run_config(harvested["harvest"], tokens=256 * 80).model_copy(update={"checkpoint_every": 5})
-    args = ["train", "--store", str(root), "--harvest", harvested["harvest"], "--site", SITE, "--d-sae", "128",
-            "--k", "4", "--tokens", str(256 * 80), "--batch-size", "256", "--lr", "3e-3", "--warmup-steps", "5",
-            "--seed", "2", "--checkpoint-every", "5", "--no-progress", "--json"]
+    args = [
+        "train",
+        "--store",
+        str(root),
+        "--harvest",
+        harvested["harvest"],
+        "--site",
+        SITE,
+        "--d-sae",
+        "128",
+        "--k",
+        "4",
+        "--tokens",
+        str(256 * 80),
+        "--batch-size",
+        "256",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "5",
+        "--seed",
+        "2",
+        "--checkpoint-every",
+        "5",
+        "--no-progress",
+        "--json",
+    ]
     reference_root = harvested["base"] / "reference"
     reference_root.mkdir()
     for kind in ("corpora", "activations"):

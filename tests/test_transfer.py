@@ -219,8 +219,9 @@ def test_log_density_correlation_matches_numpy() -> None:
     alive = (counts_a > 0) & (counts_b > 0)
     want = np.corrcoef(np.log10(counts_a[alive] / 5000), np.log10(counts_b[alive] / 7000))[0, 1]
     assert log_density_correlation(counts_a, counts_b, 5000, 7000) == pytest.approx(want, rel=1e-12)
-    assert log_density_correlation(torch.from_numpy(counts_a), torch.from_numpy(counts_b), 5000, 7000) == \
-        pytest.approx(want, rel=1e-12)
+    assert log_density_correlation(torch.from_numpy(counts_a), torch.from_numpy(counts_b), 5000, 7000) == pytest.approx(
+        want, rel=1e-12
+    )
     # Scaling one side's token total shifts every log density equally: the correlation is unchanged.
     assert log_density_correlation(counts_a, counts_b, 5000, 1) == pytest.approx(want, rel=1e-12)
     assert np.isnan(log_density_correlation(np.array([0, 4, 0]), np.array([3, 4, 0]), 10, 10))
@@ -253,8 +254,9 @@ def test_logit_weight_similarity_matches_numpy() -> None:
     np.testing.assert_allclose(same[~same.isnan()].numpy(), 1.0, atol=1e-6)
 
     appended = torch.cat([w_u_b, torch.randn(6, 3, generator=g)], dim=1)  # a fine-tune that added 3 tokens
-    np.testing.assert_allclose(logit_weight_similarity(w_dec, w_u_a, appended, vocab=30).numpy(), want, rtol=1e-5,
-                               equal_nan=True)
+    np.testing.assert_allclose(
+        logit_weight_similarity(w_dec, w_u_a, appended, vocab=30).numpy(), want, rtol=1e-5, equal_nan=True
+    )
 
 
 def test_logit_weight_similarity_user_errors() -> None:

@@ -35,14 +35,28 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("transfer") / "store"
     corpus = ingest(str(root), CorpusConfig(source="pydocs", ctx_len=CTX, max_tokens=6144, holdout_fraction=0.25))
     harvests = {}
-    for name, control in (("base", None), ("perturbed", ModelControl(kind="perturb", scale=0.02, seed=1)),
-                          ("reinit", ModelControl(kind="reinit", seed=0))):
+    for name, control in (
+        ("base", None),
+        ("perturbed", ModelControl(kind="perturb", scale=0.02, seed=1)),
+        ("reinit", ModelControl(kind="reinit", seed=0)),
+    ):
         config = HarvestConfig(corpus_id=corpus.id, model=ModelConfig(control=control), sites=(SITE,))
         harvests[name] = harvest(str(root), config, HarvestRuntime(progress=False, device="cpu")).id
-    cfg = TrainConfig(architecture="topk", d_sae=1152, k=16, total_tokens=1024 * 12, batch_size=1024, lr=2e-3,
-                      warmup_steps=2, init_tokens=2048)
-    sae = train(str(root), TrainRun(harvest_id=harvests["base"], site=SITE, train=cfg, buffer_tokens=4096,
-                                    eval_tokens=1024), progress=False).id
+    cfg = TrainConfig(
+        architecture="topk",
+        d_sae=1152,
+        k=16,
+        total_tokens=1024 * 12,
+        batch_size=1024,
+        lr=2e-3,
+        warmup_steps=2,
+        init_tokens=2048,
+    )
+    sae = train(
+        str(root),
+        TrainRun(harvest_id=harvests["base"], site=SITE, train=cfg, buffer_tokens=4096, eval_tokens=1024),
+        progress=False,
+    ).id
     return {"root": root, "corpus": corpus.id, "sae": sae, **harvests}
 
 
@@ -64,8 +78,9 @@ def test_perturbed_copy_is_near_one_and_the_randomized_control_far_lower(world: 
     root, store = str(world["root"]), Store(world["root"])
     results = {}
     for other in ("perturbed", "reinit"):
-        config = TransferConfig(harvest_a=world["base"], harvest_b=world[other], sae_a=world["sae"], ce_tokens=256,
-                                max_tokens=1024)
+        config = TransferConfig(
+            harvest_a=world["base"], harvest_b=world[other], sae_a=world["sae"], ce_tokens=256, max_tokens=1024
+        )
         manifest = transfer(root, config, RUNTIME)
         summary = store.transfer_table(manifest.id, "summary").collect().row(0, named=True)
         cos, dist = direct_cosine(store, world["base"], world[other])
@@ -74,8 +89,9 @@ def test_perturbed_copy_is_near_one_and_the_randomized_control_far_lower(world: 
         assert summary["euclid_mean"] == pytest.approx(dist.mean(), rel=1e-4)
         per_position = store.transfer_table(manifest.id, "per_position").collect().sort("pos")
         pos = np.arange(len(cos)) % CTX
-        np.testing.assert_allclose(per_position["cos_mean"].to_numpy(),
-                                   [cos[pos == p].mean() for p in range(CTX)], atol=1e-5)
+        np.testing.assert_allclose(
+            per_position["cos_mean"].to_numpy(), [cos[pos == p].mean() for p in range(CTX)], atol=1e-5
+        )
         hist = store.transfer_table(manifest.id, "histograms").collect()
         assert int(hist.filter(pl.col("measure") == "cosine")["count"].sum()) == len(cos)
         per_token = store.transfer_table(manifest.id, "per_token").collect().sort("tok")
@@ -83,8 +99,11 @@ def test_perturbed_copy_is_near_one_and_the_randomized_control_far_lower(world: 
         saes = store.transfer_table(manifest.id, "sae_transfer").collect()
         assert sorted(saes["direction"].to_list()) == ["a_on_a", "a_on_b"]
         assert saes["explained_variance"].is_not_null().all() and saes["ce_delta"].is_not_null().all()
-        results[other] = (summary["cos_mean"], saes.filter(pl.col("direction") == "a_on_b").row(0, named=True),
-                          manifest.id)
+        results[other] = (
+            summary["cos_mean"],
+            saes.filter(pl.col("direction") == "a_on_b").row(0, named=True),
+            manifest.id,
+        )
     assert results["perturbed"][0] > 0.95, results
     assert results["reinit"][0] < 0.5 and results["reinit"][0] < results["perturbed"][0] - 0.45, results
     # the SAE carries over to the perturbed copy far better than to the randomized control
@@ -105,16 +124,39 @@ def test_perturbed_copy_is_near_one_and_the_randomized_control_far_lower(world: 
 def test_transfer_cli_refuses_harvests_of_different_tokens(world: dict, tmp_path: Path) -> None:
     root = world["root"]
     other_corpus = ingest(str(root), CorpusConfig(source="pydocs", ctx_len=CTX, max_tokens=2048))
-    other = harvest(str(root), HarvestConfig(corpus_id=other_corpus.id, sites=(SITE,)),
-                    HarvestRuntime(progress=False, device="cpu")).id
+    other = harvest(
+        str(root), HarvestConfig(corpus_id=other_corpus.id, sites=(SITE,)), HarvestRuntime(progress=False, device="cpu")
+    ).id
     before = snapshot(root)
-    for args, fragment in (((world["base"], other), "different tokens"),
-                           ((world["base"], "harvest-missing-00000000"), "harvest-missing-00000000")):
-        result = cli("transfer", "--store", str(root), "--harvest-a", args[0], "--harvest-b", args[1],
-                     "--no-progress", check=False)
+    for args, fragment in (
+        ((world["base"], other), "different tokens"),
+        ((world["base"], "harvest-missing-00000000"), "harvest-missing-00000000"),
+    ):
+        result = cli(
+            "transfer",
+            "--store",
+            str(root),
+            "--harvest-a",
+            args[0],
+            "--harvest-b",
+            args[1],
+            "--no-progress",
+            check=False,
+        )
         line = last_line(result.stderr)
         assert result.returncode == 2 and line.startswith("error: ") and fragment in line, result.stderr[-2000:]
-    result = cli("transfer", "--store", str(root), "--harvest-a", world["base"], "--harvest-b", world["reinit"],
-                 "--site", "blocks.9.hook_resid_post", "--no-progress", check=False)
+    result = cli(
+        "transfer",
+        "--store",
+        str(root),
+        "--harvest-a",
+        world["base"],
+        "--harvest-b",
+        world["reinit"],
+        "--site",
+        "blocks.9.hook_resid_post",
+        "--no-progress",
+        check=False,
+    )
     assert result.returncode == 2 and "blocks.9.hook_resid_post" in last_line(result.stderr)
     assert snapshot(root) == before

@@ -61,8 +61,7 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     # Families without an attention/MLP mapping: Granite scales each branch before adding it to the stream;
     # Mamba has no attention and keeps its layers where only a search finds them.
     "granite": {**_DECODER, "residual_multiplier": 0.5},
-    "mamba": {"hidden_size": D_MODEL, "num_hidden_layers": N_LAYERS, "state_size": 4, "expand": 2,
-              "conv_kernel": 2},
+    "mamba": {"hidden_size": D_MODEL, "num_hidden_layers": N_LAYERS, "state_size": 4, "expand": 2, "conv_kernel": 2},
 }
 """Config overrides per family; the key is the family name used by tests (mostly the HF `model_type`)."""
 
@@ -88,9 +87,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_TEXT, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 def build_tiny_model(family: str, directory: Path, seed: int = SEED) -> Path:

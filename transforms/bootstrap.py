@@ -45,8 +45,9 @@ def percentile_interval(replicates: ArrayLike, level: float) -> tuple[NDArray[np
     return ends[0], ends[1]
 
 
-def mean_with_interval(values: ArrayLike, groups: ArrayLike | None = None, *, n_boot: int = 1000,
-                       level: float = 0.95, seed: int = 0) -> Interval:
+def mean_with_interval(
+    values: ArrayLike, groups: ArrayLike | None = None, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> Interval:
     """Mean of `values` with a percentile bootstrap interval over tokens, or over `groups` when given.
 
     `groups` holds one label per value (a document id, say); each replicate draws as many groups as there
@@ -56,8 +57,10 @@ def mean_with_interval(values: ArrayLike, groups: ArrayLike | None = None, *, n_
     if len(array) == 0:
         raise UserError("no values to average: the run table is empty; pass at least one per-token value")
     if not np.isfinite(array).all():
-        raise UserError(f"values hold {int((~np.isfinite(array)).sum())} non-finite entries (nan/inf): "
-                        "drop them (e.g. positions without a next token) before averaging")
+        raise UserError(
+            f"values hold {int((~np.isfinite(array)).sum())} non-finite entries (nan/inf): "
+            "drop them (e.g. positions without a next token) before averaging"
+        )
     if groups is None:
         sums, counts = array, np.ones_like(array)
     else:
@@ -69,8 +72,10 @@ def mean_with_interval(values: ArrayLike, groups: ArrayLike | None = None, *, n_
     n = len(sums)
     if n < 2:
         unit = "tokens" if groups is None else "groups"
-        raise UserError(f"one {unit[:-1]} cannot show how the mean varies: a bootstrap needs at least 2 {unit}; "
-                        "pass more data" + ("" if groups is None else " or groups=None for a token-level interval"))
+        raise UserError(
+            f"one {unit[:-1]} cannot show how the mean varies: a bootstrap needs at least 2 {unit}; "
+            "pass more data" + ("" if groups is None else " or groups=None for a token-level interval")
+        )
     rng = np.random.default_rng(seed)
     block = max(1, _DRAW_CELLS // n)
     replicates = []

@@ -102,8 +102,7 @@ def per_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     step = max(1, LOSS_CHUNK_ELEMENTS // vocab)
     for start in range(0, batch * tokens, step):
         stop = start + step
-        loss[start:stop] = F.cross_entropy(flat_logits[start:stop].float(), flat_targets[start:stop],
-                                           reduction="none")
+        loss[start:stop] = F.cross_entropy(flat_logits[start:stop].float(), flat_targets[start:stop], reduction="none")
     loss.view(batch, tokens)[:, -1] = float("nan")
     return loss
 

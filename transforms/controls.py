@@ -97,8 +97,11 @@ def _reinit(model: PreTrainedModel, seed: int, skip: set[str]) -> None:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         model.initialize_weights()
-    untouched = [name for name, param in model.named_parameters()
-                 if name not in skip and param.is_floating_point() and torch.isnan(param).any()]
+    untouched = [
+        name
+        for name, param in model.named_parameters()
+        if name not in skip and param.is_floating_point() and torch.isnan(param).any()
+    ]
     if untouched:
         raise UserError(
             f"the init scheme of {type(model).__name__} does not cover {', '.join(untouched[:3])}: "

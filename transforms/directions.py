@@ -72,8 +72,10 @@ class DiffInMeans:
     def _check_counts(self) -> Tensor:
         for index, name in ((1, "positive"), (0, "negative")):
             if self.counts[index] == 0:
-                raise UserError(f"diff-in-means saw no {name} activations: label some tokens "
-                                f"{'True/1' if index else 'False/0'} so both sets are non-empty")
+                raise UserError(
+                    f"diff-in-means saw no {name} activations: label some tokens "
+                    f"{'True/1' if index else 'False/0'} so both sets are non-empty"
+                )
         return self.counts
 
     def _means(self) -> Tensor:
@@ -139,7 +141,7 @@ class StreamingMedian:
         _check_width(rows, self.d, "the streaming median")
         keys = np.concatenate([self._keys, self._rng.random(rows.shape[0])])
         self.seen += rows.shape[0]
-        keep = np.argsort(keys, kind="stable")[:self.capacity]
+        keep = np.argsort(keys, kind="stable")[: self.capacity]
         candidates = torch.cat([self._rows, rows.to("cpu", torch.float32)])
         self._keys, self._rows = keys[keep], candidates[torch.from_numpy(keep)]
 
@@ -176,8 +178,9 @@ class LeaceErasure:
         self.classes = classes
         self.counts = torch.zeros(classes, dtype=torch.int64)
         """Rows seen per class."""
-        self._fitter = LeaceFitter(d, 1 if classes == 2 else classes, dtype=torch.float64,
-                                   constrain_cov_trace=constrain_cov_trace)
+        self._fitter = LeaceFitter(
+            d, 1 if classes == 2 else classes, dtype=torch.float64, constrain_cov_trace=constrain_cov_trace
+        )
 
     def update(self, x: Tensor, labels: Tensor) -> None:
         """Add activations `x` [..., d] with class ids `labels` [...] (bool or ints in [0, classes))."""
@@ -191,8 +194,10 @@ class LeaceErasure:
         """x ← x − L R (x − mean): the fitted eraser, as an intervention."""
         present = int((self.counts > 0).sum())
         if present < 2:
-            raise UserError(f"LEACE saw {present} of {self.classes} concept classes: label tokens of at least two "
-                            "classes before fitting")
+            raise UserError(
+                f"LEACE saw {present} of {self.classes} concept classes: label tokens of at least two "
+                "classes before fitting"
+            )
         fitted = self._fitter.eraser
         left, right = fitted.proj_left, fitted.proj_right
         bias = fitted.bias if fitted.bias is not None else torch.zeros(self.d, dtype=torch.float64)
@@ -277,8 +282,10 @@ def _rows(x: Tensor, d: int, what: str) -> Tensor:
 
 def _check_width(x: Tensor, d: int, what: str) -> None:
     if x.ndim == 0 or x.shape[-1] != d:
-        raise UserError(f"{what} expects activations of width {d} but got shape {list(x.shape)}: use activations "
-                        "of the site it was fitted on")
+        raise UserError(
+            f"{what} expects activations of width {d} but got shape {list(x.shape)}: use activations "
+            "of the site it was fitted on"
+        )
 
 
 def _class_labels(labels: Tensor, n: int, classes: int | None) -> Tensor:
@@ -307,8 +314,10 @@ def _unit(r: Tensor) -> Tensor:
     r = _vector(r, "a direction")
     norm = r.norm()
     if not norm > 0 or not torch.isfinite(norm):
-        raise UserError("the direction has zero or non-finite norm (the two sets have equal means, or it holds "
-                        "NaN): label the sets so they differ")
+        raise UserError(
+            "the direction has zero or non-finite norm (the two sets have equal means, or it holds "
+            "NaN): label the sets so they differ"
+        )
     return r / norm
 
 

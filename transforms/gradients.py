@@ -40,8 +40,10 @@ def check_logit_diff_tokens(model: nn.Module, tokens: tuple[int, int]) -> None:
     """Refuse logit-diff token ids the model has no logit for."""
     vocab = model.get_output_embeddings().weight.shape[0]
     if max(tokens) >= vocab or min(tokens) < 0:
-        raise UserError(f"logit-diff tokens {list(tokens)} are outside the model's vocabulary of {vocab} tokens: "
-                        f"pass ids in 0..{vocab - 1}")
+        raise UserError(
+            f"logit-diff tokens {list(tokens)} are outside the model's vocabulary of {vocab} tokens: "
+            f"pass ids in 0..{vocab - 1}"
+        )
 
 
 class GradientCapture(RecordingHooks):
@@ -49,8 +51,13 @@ class GradientCapture(RecordingHooks):
 
     Hooks record only while a call is in progress, so other forwards of the same model are unaffected."""
 
-    def __init__(self, model: nn.Module, specs: list[SiteSpec], metric: GradientMetric,
-                 logit_diff_tokens: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        specs: list[SiteSpec],
+        metric: GradientMetric,
+        logit_diff_tokens: tuple[int, int] | None = None,
+    ) -> None:
         if not specs:
             raise ValueError("GradientCapture needs at least one site")
         if metric == "logit_diff":

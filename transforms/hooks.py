@@ -25,7 +25,8 @@ class SiteHooks(ABC):
         modules = dict(model.named_modules())
         self._handles = [
             modules[spec.module].register_forward_pre_hook(partial(self._on_input, spec), with_kwargs=True)
-            if spec.io == "input" else modules[spec.module].register_forward_hook(partial(self._on_output, spec))
+            if spec.io == "input"
+            else modules[spec.module].register_forward_hook(partial(self._on_output, spec))
             for spec in specs
         ]
 
@@ -46,8 +47,9 @@ class SiteHooks(ABC):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 

@@ -16,8 +16,13 @@ from actstore.schemas.errors import UserError
 _ONE_PLUS_WEIGHT = ("gemma", "gemma2", "gemma3_text", "gemma3")
 """`model_type`s whose RMSNorm multiplies by `1 + weight` rather than `weight`."""
 
-_FINAL_NORM_PATHS = ("model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
-                     "model.decoder.final_layer_norm")
+_FINAL_NORM_PATHS = (
+    "model.norm",
+    "model.language_model.norm",
+    "transformer.ln_f",
+    "gpt_neox.final_layer_norm",
+    "model.decoder.final_layer_norm",
+)
 
 
 class TopTokens(NamedTuple):
@@ -48,10 +53,12 @@ def unembedding(model: nn.Module) -> Tensor:
 def logit_weights(directions: Tensor, w_u: Tensor, batch: int = 1024) -> Tensor:
     """`[n, vocab]` float32: each row of `directions` ([n, d_model]) times `w_u`, in slices of `batch` rows."""
     if directions.shape[-1] != w_u.shape[0]:
-        raise UserError(f"directions have width {directions.shape[-1]} but the unembedding expects {w_u.shape[0]}: "
-                        "use an SAE trained on this model's residual stream")
+        raise UserError(
+            f"directions have width {directions.shape[-1]} but the unembedding expects {w_u.shape[0]}: "
+            "use an SAE trained on this model's residual stream"
+        )
     rows = directions.detach().to(torch.float32).cpu()
-    return torch.cat([rows[i:i + batch] @ w_u for i in range(0, len(rows), batch)]) if len(rows) else rows @ w_u
+    return torch.cat([rows[i : i + batch] @ w_u for i in range(0, len(rows), batch)]) if len(rows) else rows @ w_u
 
 
 def top_tokens(directions: Tensor, w_u: Tensor, k: int = 10, batch: int = 1024) -> TopTokens:
@@ -59,7 +66,7 @@ def top_tokens(directions: Tensor, w_u: Tensor, k: int = 10, batch: int = 1024) 
     k = min(k, w_u.shape[1])
     parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for start in range(0, max(len(directions), 1), batch):
-        weights = logit_weights(directions[start:start + batch], w_u)
+        weights = logit_weights(directions[start : start + batch], w_u)
         pos = weights.topk(k, dim=-1)
         neg = weights.topk(k, dim=-1, largest=False)
         parts.append((pos.indices, pos.values, neg.indices, neg.values))

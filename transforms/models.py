@@ -138,8 +138,9 @@ def model_dtype_name(model: PreTrainedModel) -> str:
     """The model's floating dtype as one of float32, float16, bfloat16."""
     name = DTYPE_NAMES.get(model.dtype)
     if name is None:
-        raise UserError(f"model dtype {model.dtype} is not supported; set the model dtype to float32, float16 "
-                        "or bfloat16")
+        raise UserError(
+            f"model dtype {model.dtype} is not supported; set the model dtype to float32, float16 or bfloat16"
+        )
     return name
 
 
@@ -175,10 +176,14 @@ def _hub_kwargs(cfg: ModelConfig, source: _Source) -> dict[str, Any]:
 def _load_failure(what: str, name: str, source: _Source, err: Exception) -> str:
     reason = _short_reason(err)
     if source.local:
-        return (f"{what} '{name}' could not be loaded ({reason}); pass a directory holding a transformers "
-                "checkpoint, a .gguf file, or smollm2-135m")
-    return (f"{what} '{name}' not found: not a local directory or .gguf file, and the hub could not provide it "
-            f"({reason}); {_FIX}")
+        return (
+            f"{what} '{name}' could not be loaded ({reason}); pass a directory holding a transformers "
+            "checkpoint, a .gguf file, or smollm2-135m"
+        )
+    return (
+        f"{what} '{name}' not found: not a local directory or .gguf file, and the hub could not provide it "
+        f"({reason}); {_FIX}"
+    )
 
 
 def _short_reason(err: Exception) -> str:

@@ -47,8 +47,9 @@ class SAE(nn.Module):
     @property
     def config(self) -> SAEConfig:
         """The config, with dtype and device as the weights are now (after any `.to()`)."""
-        return self._cfg.model_copy(update={"dtype": str(self.dtype).removeprefix("torch."),
-                                            "device": str(self.device)})
+        return self._cfg.model_copy(
+            update={"dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device)}
+        )
 
     @property
     def architecture(self) -> str:
@@ -111,8 +112,9 @@ class SAE(nn.Module):
             return out / self._cfg.scaling_factor  # type: ignore[operator]
         if self._cfg.normalize_activations == "constant_norm_rescale":
             if x_norm is None:
-                raise ValueError("a constant_norm_rescale SAE decodes with the input row norms: "
-                                 "decode(f, x_norm=x.norm(dim=-1))")
+                raise ValueError(
+                    "a constant_norm_rescale SAE decodes with the input row norms: decode(f, x_norm=x.norm(dim=-1))"
+                )
             return out * (x_norm.to(out.dtype) / math.sqrt(self.d_in)).unsqueeze(-1)
         return out
 
@@ -180,13 +182,18 @@ def check_compatible(sae: SAE, d_in: int, site: str, model: str, allow_mismatch:
     A width mismatch cannot be overridden. Models compare by slug (`google/gemma-2-2b` matches `gemma-2-2b`);
     an SAE that records no hook or model name is not checked on it."""
     if d_in != sae.d_in:
-        raise UserError(f"SAE reads d_in={sae.d_in} but site {site} of {model} has width {d_in}: "
-                        "use an SAE trained on this site")
+        raise UserError(
+            f"SAE reads d_in={sae.d_in} but site {site} of {model} has width {d_in}: use an SAE trained on this site"
+        )
     if allow_mismatch:
         return
     if sae.hook_name is not None and sae.hook_name != site:
-        raise UserError(f"SAE was trained on {sae.hook_name}, not {site}: pick the matching site, or pass "
-                        "--allow-mismatch to transfer it deliberately")
+        raise UserError(
+            f"SAE was trained on {sae.hook_name}, not {site}: pick the matching site, or pass "
+            "--allow-mismatch to transfer it deliberately"
+        )
     if sae.model_name is not None and slug(sae.model_name) != slug(model):
-        raise UserError(f"SAE was trained on model {sae.model_name}, not {model}: use the matching model, or "
-                        "pass --allow-mismatch to transfer it deliberately")
+        raise UserError(
+            f"SAE was trained on model {sae.model_name}, not {model}: use the matching model, or "
+            "pass --allow-mismatch to transfer it deliberately"
+        )

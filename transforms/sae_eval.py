@@ -21,8 +21,10 @@ from actstore.transforms.sae_init import check_width
 LATENT_CHUNK_ELEMENTS = 1 << 22
 """Latent values cast to float64 at a time (32 MiB) when summing them per latent."""
 
-EMPTY_EVALUATION = ("no held-out activations to evaluate the SAE on: the holdout split is empty; "
-                    "harvest more documents or lower the holdout share")
+EMPTY_EVALUATION = (
+    "no held-out activations to evaluate the SAE on: the holdout split is empty; "
+    "harvest more documents or lower the holdout share"
+)
 
 
 class TokenMetrics(NamedTuple):
@@ -71,8 +73,10 @@ class ReconstructionStats:
         """Add one batch: x and x_hat [N, d_in], latents [N, d_sae]; returns the batch's per-token metrics."""
         n = x.shape[0] if x.ndim == 2 else -1
         if x.shape != (n, self.d_in) or x_hat.shape != x.shape or latents.shape != (n, self.d_sae):
-            raise ValueError(f"expected x and x_hat [N, {self.d_in}] and latents [N, {self.d_sae}], got "
-                             f"{tuple(x.shape)}, {tuple(x_hat.shape)} and {tuple(latents.shape)}")
+            raise ValueError(
+                f"expected x and x_hat [N, {self.d_in}] and latents [N, {self.d_sae}], got "
+                f"{tuple(x.shape)}, {tuple(x_hat.shape)} and {tuple(latents.shape)}"
+            )
         with torch.no_grad():
             l0 = self._update_latents(latents.detach())
             metrics = self._update_reconstruction(x.detach().double(), x_hat.detach().to(x.device, torch.float64), l0)
@@ -108,14 +112,21 @@ class ReconstructionStats:
         self._norm_ratio += float(norm_ratio[defined].sum())
         self._x_hat_sq += float(x_hat_sq.sum())
         self._dot += float(dot.sum())
-        return TokenMetrics(sq_error=_numpy32(sq_error), nmse=_numpy32(nmse), l0=_numpy32(l0),
-                            cosine=_numpy32(cosine), norm_ratio=_numpy32(norm_ratio), x_norm=_numpy32(x_norm))
+        return TokenMetrics(
+            sq_error=_numpy32(sq_error),
+            nmse=_numpy32(nmse),
+            l0=_numpy32(l0),
+            cosine=_numpy32(cosine),
+            norm_ratio=_numpy32(norm_ratio),
+            x_norm=_numpy32(x_norm),
+        )
 
     def _update_latents(self, latents: Tensor) -> Tensor:
         """Add the latent statistics of one batch; returns its per-token L0."""
         if self._counts.device != latents.device:
-            self._counts, self._value_sums, self._max = (t.to(latents.device)
-                                                         for t in (self._counts, self._value_sums, self._max))
+            self._counts, self._value_sums, self._max = (
+                t.to(latents.device) for t in (self._counts, self._value_sums, self._max)
+            )
         fired = latents != 0
         self._counts += fired.sum(dim=0)
         # float64 sums a slice of tokens at a time: casting the whole batch would take 8 bytes per latent value.
@@ -171,7 +182,6 @@ class ReconstructionStats:
         """float32 [d_sae]: largest value of each latent, 0 for one that never fired (latents are non-negative
         in every SAE architecture here)."""
         return _snapshot(self._max)
-
 
 
 def _snapshot(values: Tensor) -> np.ndarray:

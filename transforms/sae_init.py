@@ -23,8 +23,7 @@ def initial_weights(cfg: TrainConfig, d_in: int, d_sae: int, generator: torch.Ge
     w_dec = torch.randn(d_sae, d_in, generator=generator, dtype=torch.float32)
     row_norm = 1.0 if cfg.unit_norm_decoder else UNCONSTRAINED_DECODER_NORM
     w_dec *= row_norm / w_dec.norm(dim=-1, keepdim=True)
-    weights = {"W_enc": w_dec.T.contiguous(), "W_dec": w_dec, "b_enc": torch.zeros(d_sae),
-               "b_dec": torch.zeros(d_in)}
+    weights = {"W_enc": w_dec.T.contiguous(), "W_dec": w_dec, "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_in)}
     if cfg.architecture == "jumprelu":
         weights["log_threshold"] = torch.full((d_sae,), math.log(cfg.jumprelu_init_threshold))
     return weights
@@ -35,30 +34,38 @@ def stack_batches(batches: Tensor | Iterable[Tensor], d_in: int) -> Tensor:
     parts = [batches] if isinstance(batches, Tensor) else list(batches)
     parts = [p.reshape(-1, p.shape[-1]) for p in parts if p.numel()]
     if not parts:
-        raise UserError("no activations to initialize the SAE from: the training split is empty; "
-                        "check the harvest and the split filter")
+        raise UserError(
+            "no activations to initialize the SAE from: the training split is empty; "
+            "check the harvest and the split filter"
+        )
     for part in parts:
         check_width(part, d_in)
     x = torch.cat([p.to(torch.float32) for p in parts])
     if not bool(torch.isfinite(x).all()):
-        raise UserError("the init batches hold non-finite activations (nan/inf): the harvest is corrupt "
-                        "or overflowed its dtype; re-harvest in a wider dtype")
+        raise UserError(
+            "the init batches hold non-finite activations (nan/inf): the harvest is corrupt "
+            "or overflowed its dtype; re-harvest in a wider dtype"
+        )
     return x
 
 
 def check_width(batch: Tensor, d_in: int) -> None:
     """Refuse activations of another width (another site or model) before a reshape could hide it."""
     if batch.ndim == 0 or batch.shape[-1] != d_in:
-        raise UserError(f"activations of shape {tuple(batch.shape)} given to an SAE that reads d_in={d_in}: "
-                        "pass activations of the site the SAE is trained on")
+        raise UserError(
+            f"activations of shape {tuple(batch.shape)} given to an SAE that reads d_in={d_in}: "
+            "pass activations of the site the SAE is trained on"
+        )
 
 
 def scaling_factor(x: Tensor) -> float:
     """sqrt(d_in) / mean row norm (SAELens' `expected_average_only_in`): scaled, E||x|| = sqrt(d_in)."""
     mean_norm = float(x.to(torch.float64).norm(dim=-1).mean())
     if mean_norm == 0.0:
-        raise UserError("the init activations are all zero, so they cannot be normalized: check the site, "
-                        "or set normalize_activations=none")
+        raise UserError(
+            "the init activations are all zero, so they cannot be normalized: check the site, "
+            "or set normalize_activations=none"
+        )
     return math.sqrt(x.shape[-1]) / mean_norm
 
 

@@ -35,8 +35,10 @@ from actstore.schemas.sae import (
 Weights = dict[str, torch.Tensor]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib")
-LAYOUTS = f"{SAELENS_WEIGHTS} + {SAELENS_CFG} (SAELens), {SPARSIFY_WEIGHTS} + {SAELENS_CFG} (sparsify) or " \
-          f"{GEMMA_SCOPE_PARAMS} (Gemma Scope)"
+LAYOUTS = (
+    f"{SAELENS_WEIGHTS} + {SAELENS_CFG} (SAELens), {SPARSIFY_WEIGHTS} + {SAELENS_CFG} (sparsify) or "
+    f"{GEMMA_SCOPE_PARAMS} (Gemma Scope)"
+)
 _CFG_FIELDS = ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "k", "rescale_acts_by_decoder_norm")
 
 
@@ -47,14 +49,18 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[SAEConfig, Weights]:
         raise UserError(f"SAE checkpoint {path} does not exist: give a directory holding {LAYOUTS}")
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise UserError(f"{path} is a pickle checkpoint, which can run arbitrary code when loaded, so "
-                            "actstore never opens it: convert it with safetensors.torch.save_file and add a "
-                            f"{SAELENS_CFG}")
+            raise UserError(
+                f"{path} is a pickle checkpoint, which can run arbitrary code when loaded, so "
+                "actstore never opens it: convert it with safetensors.torch.save_file and add a "
+                f"{SAELENS_CFG}"
+            )
         if path.suffix.lower() == ".npz":
             return _read_gemma_scope(path)
         if path.name not in (SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, SAELENS_CFG):
-            raise UserError(f"{path} is not an SAE checkpoint actstore reads (only safetensors, npz and "
-                            f"JSON, as {LAYOUTS}): point at the checkpoint directory")
+            raise UserError(
+                f"{path} is not an SAE checkpoint actstore reads (only safetensors, npz and "
+                f"JSON, as {LAYOUTS}): point at the checkpoint directory"
+            )
         path = path.parent
     if (path / SAELENS_WEIGHTS).is_file():
         return _read_saelens(path)
@@ -64,9 +70,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[SAEConfig, Weights]:
         return _read_gemma_scope(path / GEMMA_SCOPE_PARAMS)
     pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
-        raise UserError(f"{path} holds only pickle weights ({', '.join(pickles)}), which actstore never "
-                        "opens because unpickling can run arbitrary code: convert them to safetensors "
-                        f"({LAYOUTS})")
+        raise UserError(
+            f"{path} holds only pickle weights ({', '.join(pickles)}), which actstore never "
+            "opens because unpickling can run arbitrary code: convert them to safetensors "
+            f"({LAYOUTS})"
+        )
     raise UserError(f"no SAE checkpoint in {path}: expected {LAYOUTS}")
 
 
@@ -82,9 +90,14 @@ def write_saelens(path: str | os.PathLike[str], cfg: SAEConfig, weights: Weights
         (path / SAELENS_SCALER).unlink(missing_ok=True)
     saelens_arch = "jumprelu" if cfg.architecture == "batchtopk" else cfg.architecture
     out: dict[str, Any] = {
-        "architecture": saelens_arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype,
-        "device": cfg.device, "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
-        "normalize_activations": cfg.normalize_activations, "reshape_activations": "none",
+        "architecture": saelens_arch,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": cfg.normalize_activations,
+        "reshape_activations": "none",
     }
     # Unknown names are left out, not written as null: SAELens' reader expects a string when the key exists.
     names = {"hook_name": cfg.hook_name, "model_name": cfg.model_name}
@@ -101,25 +114,32 @@ def validate_weights(cfg: SAEConfig, weights: Weights, source: str) -> None:
     shapes = cfg.tensor_shapes()
     missing = sorted(set(shapes) - set(weights))
     if missing:
-        raise UserError(f"{source} lacks tensor(s) {', '.join(missing)} that a {cfg.architecture} SAE needs "
-                        f"(has {', '.join(sorted(weights))}): use the complete checkpoint")
+        raise UserError(
+            f"{source} lacks tensor(s) {', '.join(missing)} that a {cfg.architecture} SAE needs "
+            f"(has {', '.join(sorted(weights))}): use the complete checkpoint"
+        )
     extra = sorted(set(weights) - set(shapes))
     if extra:
-        raise UserError(f"{source} has tensor(s) {', '.join(extra)} that a {cfg.architecture} SAE does not "
-                        f"use (expected {', '.join(shapes)}): check the architecture in {SAELENS_CFG}")
+        raise UserError(
+            f"{source} has tensor(s) {', '.join(extra)} that a {cfg.architecture} SAE does not "
+            f"use (expected {', '.join(shapes)}): check the architecture in {SAELENS_CFG}"
+        )
     for name, shape in shapes.items():
         t = weights[name]
         if tuple(t.shape) != shape:
-            raise UserError(f"tensor {name} in {source} has shape {tuple(t.shape)} but the config "
-                            f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}: fix d_in/d_sae in "
-                            f"{SAELENS_CFG} or the weights")
+            raise UserError(
+                f"tensor {name} in {source} has shape {tuple(t.shape)} but the config "
+                f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}: fix d_in/d_sae in "
+                f"{SAELENS_CFG} or the weights"
+            )
         if not t.is_floating_point():
-            raise UserError(f"tensor {name} in {source} has dtype {t.dtype}: SAE weights must be floating "
-                            "point")
+            raise UserError(f"tensor {name} in {source} has dtype {t.dtype}: SAE weights must be floating point")
         bad = int((~torch.isfinite(t)).sum())
         if bad:
-            raise UserError(f"tensor {name} in {source} has {bad} non-finite value(s) (nan/inf): the "
-                            "checkpoint is corrupt or training diverged; use another checkpoint")
+            raise UserError(
+                f"tensor {name} in {source} has {bad} non-finite value(s) (nan/inf): the "
+                "checkpoint is corrupt or training diverged; use another checkpoint"
+            )
 
 
 def _read_saelens(path: Path) -> tuple[SAEConfig, Weights]:
@@ -150,8 +170,11 @@ def _read_saelens(path: Path) -> tuple[SAEConfig, Weights]:
     cfg, weights = _finish(path / SAELENS_CFG, arch, fields, weights, str(path / SAELENS_WEIGHTS))
     if fold_norms:  # trained on norm-rescaled latents: fold as SAELens does when saving for inference
         norms = weights["W_dec"].norm(dim=-1)
-        weights |= {"W_enc": weights["W_enc"] * norms, "b_enc": weights["b_enc"] * norms,
-                    "W_dec": weights["W_dec"] / norms[:, None]}
+        weights |= {
+            "W_enc": weights["W_enc"] * norms,
+            "b_enc": weights["b_enc"] * norms,
+            "W_dec": weights["W_dec"] / norms[:, None],
+        }
     return cfg, weights
 
 
@@ -178,24 +201,31 @@ def _read_sparsify(path: Path) -> tuple[SAEConfig, Weights]:
     source = str(path / SPARSIFY_WEIGHTS)
     for flag, why in (("transcode", "a transcoder"), ("skip_connection", "has a skip connection")):
         if raw.get(flag):
-            raise UserError(f"{path} is a sparsify SAE that {why}; actstore encodes plain sparse "
-                            "autoencoders only: use an autoencoder checkpoint")
+            raise UserError(
+                f"{path} is a sparsify SAE that {why}; actstore encodes plain sparse "
+                "autoencoders only: use an autoencoder checkpoint"
+            )
     if raw.get("activation", "topk") != "topk":
-        raise UserError(f"{path} uses sparsify activation {raw['activation']!r}; known architectures: "
-                        f"{', '.join(ARCHITECTURES)}")
+        raise UserError(
+            f"{path} uses sparsify activation {raw['activation']!r}; known architectures: {', '.join(ARCHITECTURES)}"
+        )
     stored = _read_safetensors(path / SPARSIFY_WEIGHTS)
     renames = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
     unknown = sorted(set(stored) - set(renames))
     if unknown:
-        raise UserError(f"{source} has tensor(s) {', '.join(unknown)} that a sparsify SAE does not have "
-                        f"(expected {', '.join(renames)}): use an autoencoder checkpoint")
+        raise UserError(
+            f"{source} has tensor(s) {', '.join(unknown)} that a sparsify SAE does not have "
+            f"(expected {', '.join(renames)}): use an autoencoder checkpoint"
+        )
     weights = {renames[name]: t for name, t in stored.items()}
     if "W_enc" in weights:  # sparsify keeps nn.Linear's [n_latents, d_in]; SAELens reads [d_in, d_sae]
         weights["W_enc"] = weights["W_enc"].T.contiguous()
     d_in = raw.get("d_in")
     fields = {
-        "d_in": d_in, "d_sae": raw.get("num_latents") or (d_in or 0) * raw.get("expansion_factor", 0),
-        "k": raw.get("k"), "dtype": _dtype_name(stored["W_dec"].dtype, source) if "W_dec" in stored else None,
+        "d_in": d_in,
+        "d_sae": raw.get("num_latents") or (d_in or 0) * raw.get("expansion_factor", 0),
+        "k": raw.get("k"),
+        "dtype": _dtype_name(stored["W_dec"].dtype, source) if "W_dec" in stored else None,
         "apply_b_dec_to_input": True,  # sparsify subtracts b_dec from every autoencoder input
     }
     layer = re.fullmatch(r"(?:model\.)?layers\.(\d+)", path.name)
@@ -210,15 +240,18 @@ def _read_gemma_scope(file: Path) -> tuple[SAEConfig, Weights]:
         with np.load(file, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise UserError(f"{file} is not a readable npz file ({_reason(err)}): it is corrupt, truncated or "
-                        "holds pickled objects; download it again") from err
+        raise UserError(
+            f"{file} is not a readable npz file ({_reason(err)}): it is corrupt, truncated or "
+            "holds pickled objects; download it again"
+        ) from err
     for name, array in arrays.items():
         if array.dtype.kind != "f":
-            raise UserError(f"array {name} in {file} has dtype {array.dtype}: SAE weights must be "
-                            "floating point")
+            raise UserError(f"array {name} in {file} has dtype {array.dtype}: SAE weights must be floating point")
     # Gemma Scope's own code names the matrices w_enc/w_dec; the released files say W_enc/W_dec.
-    weights = {("W_" + name[2:] if name.startswith("w_") else name): torch.from_numpy(array.copy())
-               for name, array in arrays.items()}
+    weights = {
+        ("W_" + name[2:] if name.startswith("w_") else name): torch.from_numpy(array.copy())
+        for name, array in arrays.items()
+    }
     if "W_enc" not in weights or weights["W_enc"].ndim != 2:
         raise UserError(f"{file} has no 2-D W_enc (has {', '.join(sorted(weights))}): not a Gemma Scope SAE")
     d_in, d_sae = weights["W_enc"].shape
@@ -234,12 +267,12 @@ def _finish(
         raise UserError(f"{cfg_file}: unknown SAE architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     normalize = fields.get("normalize_activations", "none")
     if normalize not in NORMALIZATIONS:
-        raise UserError(f"{cfg_file}: normalize_activations={normalize!r} is not supported; supported: "
-                        f"{', '.join(NORMALIZATIONS)}")
+        raise UserError(
+            f"{cfg_file}: normalize_activations={normalize!r} is not supported; supported: {', '.join(NORMALIZATIONS)}"
+        )
     fields["dtype"] = str(fields.get("dtype") or "float32").removeprefix("torch.")
     if fields["dtype"] not in SAE_DTYPES:
-        raise UserError(f"{cfg_file}: dtype {fields['dtype']!r} is not supported; use one of "
-                        f"{', '.join(SAE_DTYPES)}")
+        raise UserError(f"{cfg_file}: dtype {fields['dtype']!r} is not supported; use one of {', '.join(SAE_DTYPES)}")
     k = fields.get("k")
     if arch == "topk" and isinstance(k, float) and k.is_integer():
         fields["k"] = int(k)
@@ -250,8 +283,9 @@ def _finish(
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(map(str, first["loc"]))
-        raise UserError(f"{cfg_file}: {where} {first['msg'].lower()} (got {first.get('input')!r}); fix the "
-                        "config") from err
+        raise UserError(
+            f"{cfg_file}: {where} {first['msg'].lower()} (got {first.get('input')!r}); fix the config"
+        ) from err
     validate_weights(cfg, weights, source)
     dtype = getattr(torch, cfg.dtype)
     return cfg, {name: t.to(dtype) for name, t in weights.items()}
@@ -261,8 +295,10 @@ def _read_safetensors(file: Path) -> Weights:
     try:
         return load_file(file, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{file} is not a readable safetensors file ({_reason(err)}): it is truncated or "
-                        "corrupt; copy or download it again") from err
+        raise UserError(
+            f"{file} is not a readable safetensors file ({_reason(err)}): it is truncated or "
+            "corrupt; copy or download it again"
+        ) from err
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -304,4 +340,3 @@ def _dtype_name(dtype: torch.dtype, source: str) -> str:
 def _reason(err: Exception) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 120 else text[:117] + "..."
-

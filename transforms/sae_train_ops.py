@@ -47,8 +47,9 @@ class _GatherPre(torch.autograd.Function):
     """pre[rows, cols] with pre = (x - b_dec) @ w_enc + b_enc, given pre; gradients by one sparse matmul."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, b_dec: Tensor, w_enc: Tensor, b_enc: Tensor, pre: Tensor, rows: Tensor,
-                cols: Tensor) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, b_dec: Tensor, w_enc: Tensor, b_enc: Tensor, pre: Tensor, rows: Tensor, cols: Tensor
+    ) -> Tensor:
         ctx.save_for_backward(x, b_dec, w_enc, rows, cols)
         return pre[rows, cols]
 
@@ -60,8 +61,9 @@ class _GatherPre(torch.autograd.Function):
         grad_w = grad_b_dec = None
         grad_b_enc = torch.zeros(d_sae, dtype=w_enc.dtype, device=w_enc.device).index_add_(0, cols, grad)
         if ctx.needs_input_grad[2]:
-            by_latent = torch.sparse_coo_tensor(torch.stack([cols, rows]), grad, (d_sae, x.shape[0]),
-                                                check_invariants=False)
+            by_latent = torch.sparse_coo_tensor(
+                torch.stack([cols, rows]), grad, (d_sae, x.shape[0]), check_invariants=False
+            )
             grad_w = torch.sparse.mm(by_latent, (x - b_dec).to(w_enc.dtype)).T.contiguous()
         if ctx.needs_input_grad[1]:
             # Every row's input is x - b_dec, so b_dec collects minus the summed input gradients:
@@ -70,8 +72,7 @@ class _GatherPre(torch.autograd.Function):
         return None, grad_b_dec, grad_w, grad_b_enc, None, None, None
 
 
-def gather_pre(x: Tensor, b_dec: Tensor, w_enc: Tensor, b_enc: Tensor, pre: Tensor,
-               selection: Selection) -> Tensor:
+def gather_pre(x: Tensor, b_dec: Tensor, w_enc: Tensor, b_enc: Tensor, pre: Tensor, selection: Selection) -> Tensor:
     """The selected entries of `pre`, differentiable in b_dec, w_enc and b_enc (x is data: no gradient).
 
     `pre` must equal `(x - b_dec) @ w_enc + b_enc` computed without grad: the caller needs it anyway to choose

@@ -24,8 +24,9 @@ STATE_JSON = "trainer_state.json"
 """Scalars and config of a saved state; it names the tensors file it belongs to."""
 
 
-def write_state(directory: str | os.PathLike[str], tensors: dict[str, Tensor], scalars: dict[str, Any],
-                step: int) -> None:
+def write_state(
+    directory: str | os.PathLike[str], tensors: dict[str, Tensor], scalars: dict[str, Any], step: int
+) -> None:
     """Write one state atomically with respect to readers and to a kill at any point."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -47,14 +48,19 @@ def read_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Tensor], di
     try:
         scalars = json.loads(file.read_text())
         if scalars.get("format") != STATE_FORMAT:
-            raise UserError(f"{file} has format {scalars.get('format')!r}, not {STATE_FORMAT!r}: it was not "
-                            "written by this trainer; start a fresh run")
+            raise UserError(
+                f"{file} has format {scalars.get('format')!r}, not {STATE_FORMAT!r}: it was not "
+                "written by this trainer; start a fresh run"
+            )
         tensors = load_file(Path(directory) / scalars["tensors"], device="cpu")
     except FileNotFoundError as err:
-        raise UserError(f"no complete trainer state in {directory} ({Path(err.filename).name} missing): "
-                        "point at a directory written by save_state, or start a fresh run") from err
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError,
-            SafetensorError) as err:
-        raise UserError(f"trainer state in {directory} is corrupt ({type(err).__name__}): resume from an "
-                        "earlier checkpoint or start a fresh run") from err
+        raise UserError(
+            f"no complete trainer state in {directory} ({Path(err.filename).name} missing): "
+            "point at a directory written by save_state, or start a fresh run"
+        ) from err
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, SafetensorError) as err:
+        raise UserError(
+            f"trainer state in {directory} is corrupt ({type(err).__name__}): resume from an "
+            "earlier checkpoint or start a fresh run"
+        ) from err
     return tensors, scalars

@@ -129,8 +129,10 @@ class Trainer:
         loss = mse + out.auxk_loss + sparsity
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
-            raise UserError(f"SAE training diverged at step {self.steps_done} (loss {loss_value}): lower lr "
-                            f"(now {self.cfg.lr}) or check the activations for nan/inf")
+            raise UserError(
+                f"SAE training diverged at step {self.steps_done} (loss {loss_value}): lower lr "
+                f"(now {self.cfg.lr}) or check the activations for nan/inf"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         w_dec = self.params["W_dec"]
@@ -151,8 +153,16 @@ class Trainer:
         self.steps_done += 1
         self.tokens_seen += x.shape[0]
         l0 = float(out.active) / x.shape[0]
-        return StepMetrics(loss_value, float(mse.detach()), float(out.auxk_loss.detach()),
-                           float(sparsity.detach()), l0, fvu, self.dead_count(), lr)
+        return StepMetrics(
+            loss_value,
+            float(mse.detach()),
+            float(out.auxk_loss.detach()),
+            float(sparsity.detach()),
+            l0,
+            fvu,
+            self.dead_count(),
+            lr,
+        )
 
     def dead_count(self) -> int:
         """Latents that have not fired in the last `dead_tokens` training tokens."""
@@ -179,7 +189,7 @@ class Trainer:
         if n_dead:
             # Gao et al.: the top dead latents reconstruct what the live ones missed; few dead, small weight.
             residual = (x - recon).detach()
-            aux_recon = decode_sparse(aux, values[chosen.rows.numel():], p["W_dec"], n)
+            aux_recon = decode_sparse(aux, values[chosen.rows.numel() :], p["W_dec"], n)
             weight = cfg.auxk_coefficient * min(n_dead / k_aux, 1.0)
             auxk_loss = weight * (aux_recon - residual).pow(2).sum(dim=-1).mean()
         positive = kept.detach() > 0
@@ -232,20 +242,28 @@ class Trainer:
             return self.params["log_threshold"].detach().exp()
         return self.batchtopk_threshold.to(torch.float32).expand(self.d_sae)
 
-    def export(self, hook_name: str | None = None, model_name: str | None = None,
-               metadata: dict[str, Any] | None = None) -> SAE:
+    def export(
+        self, hook_name: str | None = None, model_name: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> SAE:
         """A frozen inference SAE on CPU in `cfg.dtype`; batchtopk with its JumpReLU threshold, as SAELens."""
         cfg = self.cfg
         weights = {name: self.params[name].detach().clone() for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
         if cfg.architecture in ("jumprelu", "batchtopk"):
             weights["threshold"] = self._threshold().clone()
         normalized = cfg.normalize_activations == "expected_average_only_in"
-        training = {"config": cfg.model_dump(mode="json"), "steps": self.steps_done,
-                    "tokens": self.tokens_seen}
-        sae_cfg = SAEConfig(architecture=cfg.architecture, d_in=self.d_in, d_sae=self.d_sae, dtype=cfg.dtype,
-                            normalize_activations=cfg.normalize_activations, k=cfg.k,
-                            scaling_factor=self.scale if normalized else None, hook_name=hook_name,
-                            model_name=model_name, metadata=(metadata or {}) | {"training": training})
+        training = {"config": cfg.model_dump(mode="json"), "steps": self.steps_done, "tokens": self.tokens_seen}
+        sae_cfg = SAEConfig(
+            architecture=cfg.architecture,
+            d_in=self.d_in,
+            d_sae=self.d_sae,
+            dtype=cfg.dtype,
+            normalize_activations=cfg.normalize_activations,
+            k=cfg.k,
+            scaling_factor=self.scale if normalized else None,
+            hook_name=hook_name,
+            model_name=model_name,
+            metadata=(metadata or {}) | {"training": training},
+        )
         dtype = getattr(torch, cfg.dtype)
         return SAE(sae_cfg, {name: t.to("cpu", dtype) for name, t in weights.items()})
 
@@ -254,34 +272,48 @@ class Trainer:
         tensors = {f"param.{name}": p.detach() for name, p in self.params.items()}
         for name, p in self.params.items():
             tensors |= {f"adam.{name}.{key}": t for key, t in self.optimizer.state.get(p, {}).items()}
-        tensors |= {"tokens_since_fired": self.tokens_since_fired, "rng": self.generator.get_state(),
-                    "batchtopk_threshold": self.batchtopk_threshold}
-        scalars = {"format": STATE_FORMAT, "config": self.cfg.model_dump(mode="json"), "d_in": self.d_in,
-                   "steps_done": self.steps_done, "tokens_seen": self.tokens_seen, "scale": self.scale,
-                   "initialized": self.initialized}
+        tensors |= {
+            "tokens_since_fired": self.tokens_since_fired,
+            "rng": self.generator.get_state(),
+            "batchtopk_threshold": self.batchtopk_threshold,
+        }
+        scalars = {
+            "format": STATE_FORMAT,
+            "config": self.cfg.model_dump(mode="json"),
+            "d_in": self.d_in,
+            "steps_done": self.steps_done,
+            "tokens_seen": self.tokens_seen,
+            "scale": self.scale,
+            "initialized": self.initialized,
+        }
         return {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}, scalars
 
-    def load_state_dict(self, tensors: dict[str, Tensor], scalars: dict[str, Any],
-                        source: str = "state") -> None:
+    def load_state_dict(self, tensors: dict[str, Tensor], scalars: dict[str, Any], source: str = "state") -> None:
         """Restore a `state_dict()` of a run with the same config (runtime fields aside) and d_in."""
         ours, theirs = self.cfg.model_dump(mode="json"), scalars.get("config") or {}
-        changed = sorted(k for k in ours.keys() | theirs.keys()
-                         if k not in RUNTIME_FIELDS and ours.get(k) != theirs.get(k))
+        changed = sorted(
+            k for k in ours.keys() | theirs.keys() if k not in RUNTIME_FIELDS and ours.get(k) != theirs.get(k)
+        )
         if changed or scalars.get("d_in") != self.d_in:
             what = ", ".join(changed) if changed else f"d_in ({scalars.get('d_in')} vs {self.d_in})"
-            raise UserError(f"{source} was written by a run with different {what}: resume with the same "
-                            "training config and site, or start a fresh run")
-        needed = {f"param.{name}" for name in self.params} | {"tokens_since_fired", "rng",
-                                                               "batchtopk_threshold"}
+            raise UserError(
+                f"{source} was written by a run with different {what}: resume with the same "
+                "training config and site, or start a fresh run"
+            )
+        needed = {f"param.{name}" for name in self.params} | {"tokens_since_fired", "rng", "batchtopk_threshold"}
         if needed - tensors.keys():
-            raise UserError(f"{source} lacks {', '.join(sorted(needed - tensors.keys()))}: the state is "
-                            "incomplete; resume from an earlier checkpoint or start a fresh run")
+            raise UserError(
+                f"{source} lacks {', '.join(sorted(needed - tensors.keys()))}: the state is "
+                "incomplete; resume from an earlier checkpoint or start a fresh run"
+            )
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(tensors[f"param.{name}"])
         adam = self.optimizer.state_dict()
-        per_param = ({key.rsplit(".", 1)[1]: t for key, t in tensors.items()
-                      if key.startswith(f"adam.{name}.")} for name in self.params)
+        per_param = (
+            {key.rsplit(".", 1)[1]: t for key, t in tensors.items() if key.startswith(f"adam.{name}.")}
+            for name in self.params
+        )
         adam["state"] = {i: state for i, state in enumerate(per_param) if state}
         self.optimizer.load_state_dict(adam)  # moves the moments to the parameters' device
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])

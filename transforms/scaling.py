@@ -49,7 +49,7 @@ class FitBootstrap(NamedTuple):
     def samples(self) -> dict[str, NDArray[np.float64]]:
         """Each parameter of `fit.params` across the resamples."""
         k = len(self.fit.names)
-        values = np.concatenate([np.exp(self.thetas[:, :1 + k]), self.thetas[:, 1 + k:]], axis=1)
+        values = np.concatenate([np.exp(self.thetas[:, : 1 + k]), self.thetas[:, 1 + k :]], axis=1)
         return dict(zip(["E", *COEFFICIENT_NAMES[:k], *EXPONENT_NAMES[:k]], values.T, strict=True))
 
     @property
@@ -72,8 +72,15 @@ class Forecast(NamedTuple):
     """Nominal coverage of the interval; None without a bootstrap."""
 
 
-def bootstrap_fit(fit: PowerLawFit, x: Mapping[str, ArrayLike] | ArrayLike, loss: ArrayLike, *, n_boot: int = 200,
-                  level: float = 0.8, seed: int = 0) -> FitBootstrap:
+def bootstrap_fit(
+    fit: PowerLawFit,
+    x: Mapping[str, ArrayLike] | ArrayLike,
+    loss: ArrayLike,
+    *,
+    n_boot: int = 200,
+    level: float = 0.8,
+    seed: int = 0,
+) -> FitBootstrap:
     """Refit `fit` on `n_boot` resamples of its runs (`x`, `loss`: the data it was fitted to); seeded."""
     check_bootstrap_args(n_boot, level)
     log_x = log_columns(x, fit.names)
@@ -97,26 +104,33 @@ def forecast(model: PowerLawFit | FitBootstrap, targets: Mapping[str, ArrayLike]
     return _evaluate(model, lambda thetas: np.exp(log_predict(thetas, log_x)))
 
 
-def reducible_loss(model: PowerLawFit | FitBootstrap, targets: Mapping[str, ArrayLike] | ArrayLike | None = None,
-                   *, loss: ArrayLike | None = None) -> Forecast:
+def reducible_loss(
+    model: PowerLawFit | FitBootstrap,
+    targets: Mapping[str, ArrayLike] | ArrayLike | None = None,
+    *,
+    loss: ArrayLike | None = None,
+) -> Forecast:
     """L - E in nats per token, read as the KL per token from the true distribution (see the module notes).
 
     At `targets` it is the law's `Σ A_i / x_i^α_i`; for an observed `loss` (e.g. a run's mean loss) it is
     `loss - E`, which is negative where a run beats the fitted floor."""
     if (targets is None) == (loss is None):
-        raise UserError("reducible_loss needs exactly one of targets (sizes to forecast at) or loss "
-                        "(observed losses): pass one of them")
+        raise UserError(
+            "reducible_loss needs exactly one of targets (sizes to forecast at) or loss "
+            "(observed losses): pass one of them"
+        )
     fit = model.fit if isinstance(model, FitBootstrap) else model
     if loss is not None:
         observed = np.atleast_1d(np.asarray(loss, dtype=np.float64))
         return _evaluate(model, lambda thetas: observed[None] - np.exp(thetas[:, :1]))
     log_x = log_columns(targets, fit.names)
     k = len(fit.names)
-    return _evaluate(model, lambda thetas: np.exp(thetas[:, 1:1 + k, None] - thetas[:, 1 + k:, None] * log_x).sum(1))
+    return _evaluate(model, lambda thetas: np.exp(thetas[:, 1 : 1 + k, None] - thetas[:, 1 + k :, None] * log_x).sum(1))
 
 
-def _evaluate(model: PowerLawFit | FitBootstrap,
-              values: Callable[[NDArray[np.float64]], NDArray[np.float64]]) -> Forecast:
+def _evaluate(
+    model: PowerLawFit | FitBootstrap, values: Callable[[NDArray[np.float64]], NDArray[np.float64]]
+) -> Forecast:
     """`values` (rows of optimizer coordinates -> [rows, targets]) at the fit, and its bootstrap interval."""
     if isinstance(model, PowerLawFit):
         return Forecast(point=values(model.theta[None])[0], low=None, high=None, level=None)

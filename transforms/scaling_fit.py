@@ -80,8 +80,11 @@ class PowerLawFit(NamedTuple):
     def params(self) -> dict[str, float]:
         """`E`, then `A`, `B`, ... and `alpha`, `beta`, ... in the order of `names`."""
         k = len(self.names)
-        return {"E": self.E, **dict(zip(COEFFICIENT_NAMES[:k], self.coefficients, strict=True)),
-                **dict(zip(EXPONENT_NAMES[:k], self.exponents, strict=True))}
+        return {
+            "E": self.E,
+            **dict(zip(COEFFICIENT_NAMES[:k], self.coefficients, strict=True)),
+            **dict(zip(EXPONENT_NAMES[:k], self.exponents, strict=True)),
+        }
 
     @property
     def theta(self) -> NDArray[np.float64]:
@@ -93,47 +96,80 @@ class PowerLawFit(NamedTuple):
         return np.exp(log_predict(self.theta[None], log_columns(x, self.names))[0])
 
 
-def fit_power_law(x: Mapping[str, ArrayLike], loss: ArrayLike, *, grid: Grid = EPOCH_GRID, n_starts: int | None = 64,
-                  delta: float = HUBER_DELTA) -> PowerLawFit:
+def fit_power_law(
+    x: Mapping[str, ArrayLike],
+    loss: ArrayLike,
+    *,
+    grid: Grid = EPOCH_GRID,
+    n_starts: int | None = 64,
+    delta: float = HUBER_DELTA,
+) -> PowerLawFit:
     """Fit `loss ≈ E + Σ_i A_i / x_i^α_i` over the variables in `x` (name -> one positive value per run)."""
     names = tuple(x)
     if not 1 <= len(names) <= len(COEFFICIENT_NAMES):
-        raise UserError(f"a power law over {len(names)} variables was asked for: pass 1 to "
-                        f"{len(COEFFICIENT_NAMES)} variables, e.g. {{'N': params, 'D': tokens}}")
+        raise UserError(
+            f"a power law over {len(names)} variables was asked for: pass 1 to "
+            f"{len(COEFFICIENT_NAMES)} variables, e.g. {{'N': params, 'D': tokens}}"
+        )
     log_x = log_columns(x, names)
     log_loss = log_values(loss, "loss", log_x.shape[1])
     _check_fit_args(len(log_loss), len(names), n_starts, delta)
     weights = np.ones_like(log_loss)
-    theta = best_of(grid_starts(grid, len(names), float(log_loss.mean())), log_x, log_loss, weights, n_starts,
-                    delta)
+    theta = best_of(grid_starts(grid, len(names), float(log_loss.mean())), log_x, log_loss, weights, n_starts, delta)
     return to_fit(names, theta, huber_objective(theta, log_x, log_loss, weights, delta)[0], len(log_loss), delta)
 
 
-def fit_chinchilla(params: ArrayLike, tokens: ArrayLike, loss: ArrayLike, *, grid: Grid = EPOCH_GRID,
-                   n_starts: int | None = 64, delta: float = HUBER_DELTA) -> PowerLawFit:
+def fit_chinchilla(
+    params: ArrayLike,
+    tokens: ArrayLike,
+    loss: ArrayLike,
+    *,
+    grid: Grid = EPOCH_GRID,
+    n_starts: int | None = 64,
+    delta: float = HUBER_DELTA,
+) -> PowerLawFit:
     """Hoffmann et al.'s `L(N, D) = E + A/N^α + B/D^β` over model parameters N and training tokens D."""
     return fit_power_law({"N": params, "D": tokens}, loss, grid=grid, n_starts=n_starts, delta=delta)
 
 
-def fit_single(x: ArrayLike, loss: ArrayLike, *, name: str = "x", grid: Grid = EPOCH_GRID, n_starts: int | None = 64,
-               delta: float = HUBER_DELTA) -> PowerLawFit:
+def fit_single(
+    x: ArrayLike,
+    loss: ArrayLike,
+    *,
+    name: str = "x",
+    grid: Grid = EPOCH_GRID,
+    n_starts: int | None = 64,
+    delta: float = HUBER_DELTA,
+) -> PowerLawFit:
     """`L(x) = E + A/x^α` for one scale variable: parameters, tokens, compute (FLOPs) or SAE width."""
     return fit_power_law({name: x}, loss, grid=grid, n_starts=n_starts, delta=delta)
 
 
-def fit_sae_law(n_latents: ArrayLike, k: ArrayLike, loss: ArrayLike, *, grid: Grid = EPOCH_GRID,
-                n_starts: int | None = 64, delta: float = HUBER_DELTA) -> PowerLawFit:
+def fit_sae_law(
+    n_latents: ArrayLike,
+    k: ArrayLike,
+    loss: ArrayLike,
+    *,
+    grid: Grid = EPOCH_GRID,
+    n_starts: int | None = 64,
+    delta: float = HUBER_DELTA,
+) -> PowerLawFit:
     """`L(n, k) = E + A/n^α + B/k^β` for SAE loss (e.g. FVU or MSE) against width n and active latents k."""
     return fit_power_law({"n_latents": n_latents, "k": k}, loss, grid=grid, n_starts=n_starts, delta=delta)
 
 
-def huber_objective(theta: NDArray[np.float64], log_x: NDArray[np.float64], log_loss: NDArray[np.float64],
-                    weights: NDArray[np.float64], delta: float) -> tuple[float, NDArray[np.float64]]:
+def huber_objective(
+    theta: NDArray[np.float64],
+    log_x: NDArray[np.float64],
+    log_loss: NDArray[np.float64],
+    weights: NDArray[np.float64],
+    delta: float,
+) -> tuple[float, NDArray[np.float64]]:
     """Weighted summed Huber loss of the log residuals and its gradient in `theta` (L-BFGS's fun and jac).
 
     Integer `weights` are how bootstrap resamples count repeated runs without copying them."""
     k = log_x.shape[0]
-    terms = theta[1:1 + k, None] - theta[1 + k:, None] * log_x
+    terms = theta[1 : 1 + k, None] - theta[1 + k :, None] * log_x
     top = np.maximum(terms.max(axis=0), theta[0])
     exp_terms, exp_e = np.exp(terms - top), np.exp(theta[0] - top)
     total = exp_terms.sum(axis=0) + exp_e
@@ -146,16 +182,33 @@ def huber_objective(theta: NDArray[np.float64], log_x: NDArray[np.float64], log_
     return value, grad
 
 
-def refine(theta: NDArray[np.float64], log_x: NDArray[np.float64], log_loss: NDArray[np.float64],
-           weights: NDArray[np.float64], delta: float) -> tuple[NDArray[np.float64], float]:
+def refine(
+    theta: NDArray[np.float64],
+    log_x: NDArray[np.float64],
+    log_loss: NDArray[np.float64],
+    weights: NDArray[np.float64],
+    delta: float,
+) -> tuple[NDArray[np.float64], float]:
     """One L-BFGS run from `theta`: the end point and its objective."""
-    result = minimize(huber_objective, theta, args=(log_x, log_loss, weights, delta), jac=True, method="L-BFGS-B",
-                      options=_LBFGS_OPTIONS)
+    result = minimize(
+        huber_objective,
+        theta,
+        args=(log_x, log_loss, weights, delta),
+        jac=True,
+        method="L-BFGS-B",
+        options=_LBFGS_OPTIONS,
+    )
     return np.asarray(result.x, dtype=np.float64), float(result.fun)
 
 
-def best_of(starts: NDArray[np.float64], log_x: NDArray[np.float64], log_loss: NDArray[np.float64],
-            weights: NDArray[np.float64], n_starts: int | None, delta: float) -> NDArray[np.float64]:
+def best_of(
+    starts: NDArray[np.float64],
+    log_x: NDArray[np.float64],
+    log_loss: NDArray[np.float64],
+    weights: NDArray[np.float64],
+    n_starts: int | None,
+    delta: float,
+) -> NDArray[np.float64]:
     """L-BFGS from the `n_starts` starts of lowest objective (all when None); the best end point."""
     if n_starts is not None and n_starts < len(starts):
         starts = starts[np.argsort(_screen(starts, log_x, log_loss, weights, delta), kind="stable")[:n_starts]]
@@ -180,35 +233,43 @@ def grid_starts(grid: Grid, k: int, log_scale: float) -> NDArray[np.float64]:
     if not all(axes):
         raise UserError("a fit grid has an empty axis: give every Grid field at least one value")
     starts = np.array(list(itertools.product(*axes)), dtype=np.float64)
-    starts[:, :1 + k] += log_scale
+    starts[:, : 1 + k] += log_scale
     return starts
 
 
 def log_predict(thetas: NDArray[np.float64], log_x: NDArray[np.float64]) -> NDArray[np.float64]:
     """Log loss at each column of `log_x` for each row of `thetas` ([m, 1+2k] -> [m, n]), by logsumexp."""
     k = log_x.shape[0]
-    terms = thetas[:, 1:1 + k, None] - thetas[:, 1 + k:, None] * log_x[None]
+    terms = thetas[:, 1 : 1 + k, None] - thetas[:, 1 + k :, None] * log_x[None]
     stacked = np.concatenate([terms, np.broadcast_to(thetas[:, :1, None], (len(thetas), 1, log_x.shape[1]))], 1)
     top = stacked.max(axis=1)
     return top + np.log(np.exp(stacked - top[:, None]).sum(axis=1))
 
 
-def to_fit(names: tuple[str, ...], theta: NDArray[np.float64], objective: float, n_points: int,
-           delta: float) -> PowerLawFit:
+def to_fit(
+    names: tuple[str, ...], theta: NDArray[np.float64], objective: float, n_points: int, delta: float
+) -> PowerLawFit:
     """The optimizer's coordinates as a `PowerLawFit`."""
     k = len(names)
-    return PowerLawFit(names=names, E=math.exp(theta[0]),
-                       coefficients=tuple(float(v) for v in np.exp(theta[1:1 + k])),
-                       exponents=tuple(float(v) for v in theta[1 + k:]), objective=objective, n_points=n_points,
-                       delta=delta)
+    return PowerLawFit(
+        names=names,
+        E=math.exp(theta[0]),
+        coefficients=tuple(float(v) for v in np.exp(theta[1 : 1 + k])),
+        exponents=tuple(float(v) for v in theta[1 + k :]),
+        objective=objective,
+        n_points=n_points,
+        delta=delta,
+    )
 
 
 def log_columns(x: Mapping[str, ArrayLike] | ArrayLike, names: tuple[str, ...]) -> NDArray[np.float64]:
     """Logs of the variables in `names`' order as a [k, n] array; a bare array serves a one-variable law."""
     if not isinstance(x, Mapping):
         if len(names) != 1:
-            raise UserError(f"values without names given to a law over {names}: pass a mapping "
-                            f"{{{', '.join(repr(n) for n in names)}: values}}")
+            raise UserError(
+                f"values without names given to a law over {names}: pass a mapping "
+                f"{{{', '.join(repr(n) for n in names)}: values}}"
+            )
         x = {names[0]: x}
     if set(x) != set(names):
         raise UserError(f"variables {sorted(x)} given to a law over {sorted(names)}: pass exactly those names")
@@ -227,28 +288,37 @@ def log_values(values: ArrayLike, label: str, n: int) -> NDArray[np.float64]:
         raise UserError(f"{label} has {len(array)} values but the other columns have {n}: pass one value per run")
     bad = ~np.isfinite(array) | (array <= 0)
     if bad.any():
-        raise UserError(f"{label} has {int(bad.sum())} values that are not positive and finite "
-                        f"(first: {array[bad][0]}): a power law needs positive values; drop those runs")
+        raise UserError(
+            f"{label} has {int(bad.sum())} values that are not positive and finite "
+            f"(first: {array[bad][0]}): a power law needs positive values; drop those runs"
+        )
     return np.log(array)
 
 
 def _check_fit_args(n: int, k: int, n_starts: int | None, delta: float) -> None:
     if n < 1 + 2 * k:
-        raise UserError(f"{n} runs cannot determine the {1 + 2 * k} parameters of a law over {k} variables: "
-                        f"pass at least {1 + 2 * k} runs (many more for useful intervals)")
+        raise UserError(
+            f"{n} runs cannot determine the {1 + 2 * k} parameters of a law over {k} variables: "
+            f"pass at least {1 + 2 * k} runs (many more for useful intervals)"
+        )
     if n_starts is not None and n_starts < 1:
         raise UserError(f"n_starts={n_starts}: pass a positive number of L-BFGS starts, or None for all")
     if not delta > 0:
         raise UserError(f"delta={delta}: the Huber threshold must be positive (Hoffmann et al. use 1e-3)")
 
 
-def _screen(starts: NDArray[np.float64], log_x: NDArray[np.float64], log_loss: NDArray[np.float64],
-            weights: NDArray[np.float64], delta: float) -> NDArray[np.float64]:
+def _screen(
+    starts: NDArray[np.float64],
+    log_x: NDArray[np.float64],
+    log_loss: NDArray[np.float64],
+    weights: NDArray[np.float64],
+    delta: float,
+) -> NDArray[np.float64]:
     """Starting objective of every start, scored in blocks (vectorised: far cheaper than one L-BFGS run)."""
     block = max(1, _SCREEN_CELLS // log_x.size)
     values = []
     for i in range(0, len(starts), block):
-        residual = log_predict(starts[i:i + block], log_x) - log_loss
+        residual = log_predict(starts[i : i + block], log_x) - log_loss
         size = np.abs(residual)
         values.append(np.where(size <= delta, 0.5 * residual**2, delta * (size - 0.5 * delta)) @ weights)
     return np.concatenate(values)

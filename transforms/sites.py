@@ -23,8 +23,19 @@ _SANDWICH_NORM = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 BRANCH_MODULES: dict[str, tuple[str, str]] = {
     **dict.fromkeys(
-        ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo", "gemma",
-         "starcoder2"),
+        (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "phi3",
+            "olmo",
+            "gemma",
+            "starcoder2",
+        ),
         _PRE_NORM,
     ),
     **dict.fromkeys(("gemma2", "gemma3_text", "olmo2"), _SANDWICH_NORM),
@@ -36,8 +47,13 @@ BRANCH_MODULES: dict[str, tuple[str, str]] = {
 (attention, MLP). Only families whose layout the tests check are listed; others get resid_pre/resid_post and
 raw module paths."""
 
-_LAYER_LIST_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
-                     "model.decoder.layers")
+_LAYER_LIST_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+)
 """Where families keep their decoder layers, tried in order before a search for a ModuleList of the right size."""
 
 _PROBE_IDS = ((1, 2, 3), (4, 5, 6))
@@ -158,12 +174,16 @@ def _probe_raw_modules(model: nn.Module, paths: list[str], layers_path: str, n: 
     for path in paths:
         calls = seen[path]
         if len(calls) != 1:
-            raise UserError(f"site '{path}': the module runs {len(calls)} times per forward pass, not once; "
-                            "pick a module that runs once (e.g. one decoder layer or its submodule)")
+            raise UserError(
+                f"site '{path}': the module runs {len(calls)} times per forward pass, not once; "
+                "pick a module that runs once (e.g. one decoder layer or its submodule)"
+            )
         shape, done = calls[0]
         if len(shape) != 3 or tuple(shape[:2]) != ids.shape:
-            raise UserError(f"site '{path}': the module's output has shape {tuple(shape)}, not [batch, tokens, d]; "
-                            "pick a module that outputs one vector per token")
+            raise UserError(
+                f"site '{path}': the module's output has shape {tuple(shape)}, not [batch, tokens, d]; "
+                "pick a module that outputs one vector per token"
+            )
         specs.append(SiteSpec(path, path, "output", _raw_block(path, layers_path, done, n), int(shape[-1])))
     return specs
 
@@ -171,7 +191,7 @@ def _probe_raw_modules(model: nn.Module, paths: list[str], layers_path: str, n: 
 def _raw_block(path: str, layers_path: str, finished_layers: int, n: int) -> int:
     prefix = layers_path + "."
     if path.startswith(prefix):
-        return int(path[len(prefix):].split(".")[0])
+        return int(path[len(prefix) :].split(".")[0])
     if finished_layers == 0:
         return -1
     return n if finished_layers == n else finished_layers - 1
@@ -202,8 +222,10 @@ def _unknown_site_message(model: nn.Module, name: str) -> str:
     branches = BRANCH_MODULES.get(_model_type(model))
     if branches:
         example += f".{branches[1]}"
-    return (f"unknown site '{name}' for {_model_type(model)} with {n} layers: valid sites are "
-            f"blocks.0-{n - 1}.hook_{{{hooks}}} or a module path such as {example}")
+    return (
+        f"unknown site '{name}' for {_model_type(model)} with {n} layers: valid sites are "
+        f"blocks.0-{n - 1}.hook_{{{hooks}}} or a module path such as {example}"
+    )
 
 
 def _text_config(model: nn.Module) -> PretrainedConfig:

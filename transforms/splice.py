@@ -50,17 +50,22 @@ class Splice(SiteHooks):
         outlier-norm tokens, which SAEs are usually not trained on). Resets `calls`."""
         unknown = sorted(set(replacements) - set(self.specs))
         if unknown:
-            raise UserError(f"cannot splice {unknown}: the splice hooks only {sorted(self.specs)}; "
-                            "list the site when creating the Splice")
+            raise UserError(
+                f"cannot splice {unknown}: the splice hooks only {sorted(self.specs)}; "
+                "list the site when creating the Splice"
+            )
         if keep is not None and (keep.ndim != 2 or keep.dtype != torch.bool):
-            raise UserError(f"keep must be a bool mask [batch, tokens], got {keep.dtype} of shape "
-                            f"{tuple(keep.shape)}: pass one bool per token of input_ids")
+            raise UserError(
+                f"keep must be a bool mask [batch, tokens], got {keep.dtype} of shape "
+                f"{tuple(keep.shape)}: pass one bool per token of input_ids"
+            )
         self._replacements = {name: fn for name, fn in replacements.items() if fn is not None}
         self._keep = keep
         self.calls = dict.fromkeys(self.specs, 0)
 
-    def _on_input(self, spec: SiteSpec, _module: nn.Module, args: tuple[Any, ...],
-                  kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    def _on_input(
+        self, spec: SiteSpec, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         self.calls[spec.name] += 1
         if spec.name not in self._replacements:
             return None
@@ -81,14 +86,18 @@ class Splice(SiteHooks):
     def _replace(self, spec: SiteSpec, value: Tensor) -> Tensor:
         replaced = self._replacements[spec.name](value)
         if replaced.shape != value.shape:
-            raise UserError(f"the replacement at site {spec.name} returned shape {tuple(replaced.shape)} for an "
-                            f"activation of shape {tuple(value.shape)}: return a tensor shaped like its input")
+            raise UserError(
+                f"the replacement at site {spec.name} returned shape {tuple(replaced.shape)} for an "
+                f"activation of shape {tuple(value.shape)}: return a tensor shaped like its input"
+            )
         replaced = replaced.to(value.device, value.dtype)
         if self._keep is None:
             return replaced
         if self._keep.shape != value.shape[:2]:
-            raise UserError(f"keep has shape {tuple(self._keep.shape)} but site {spec.name} has "
-                            f"[batch, tokens] = {tuple(value.shape[:2])}: pass one bool per token of input_ids")
+            raise UserError(
+                f"keep has shape {tuple(self._keep.shape)} but site {spec.name} has "
+                f"[batch, tokens] = {tuple(value.shape[:2])}: pass one bool per token of input_ids"
+            )
         return torch.where(self._keep.to(value.device).unsqueeze(-1), value, replaced)
 
 
@@ -117,8 +126,13 @@ class DownstreamTokens(NamedTuple):
     """[B*T] KL(clean || this forward) of the next-token distributions, in nats; 0 for the clean forward."""
 
 
-def downstream(model: nn.Module, specs: list[SiteSpec], input_ids: Tensor, variants: dict[str, dict[str, Replacement]],
-               keep: Tensor | None = None) -> dict[str, DownstreamTokens]:
+def downstream(
+    model: nn.Module,
+    specs: list[SiteSpec],
+    input_ids: Tensor,
+    variants: dict[str, dict[str, Replacement]],
+    keep: Tensor | None = None,
+) -> dict[str, DownstreamTokens]:
     """Cross entropy and KL per token of the clean forward (key "clean") and of one spliced forward per variant.
 
     `variants` maps a variant name to its replacements by site; `keep` [B, T] applies to every variant. The
@@ -203,13 +217,17 @@ def zero_replacement() -> Replacement:
 def mean_replacement(mean: Tensor) -> Replacement:
     """x -> `mean` [d] at every token: the mean ablation, which keeps the site's constant direction."""
     if mean.ndim != 1:
-        raise UserError(f"the mean for a mean ablation must be one vector [d], got shape {tuple(mean.shape)}: "
-                        "average the site's activations over tokens")
+        raise UserError(
+            f"the mean for a mean ablation must be one vector [d], got shape {tuple(mean.shape)}: "
+            "average the site's activations over tokens"
+        )
 
     def replace(x: Tensor) -> Tensor:
         if x.shape[-1] != mean.shape[0]:
-            raise UserError(f"the mean has width {mean.shape[0]} but the site's activations have width "
-                            f"{x.shape[-1]}: take the mean of this site")
+            raise UserError(
+                f"the mean has width {mean.shape[0]} but the site's activations have width "
+                f"{x.shape[-1]}: take the mean of this site"
+            )
         return mean.to(x.device, x.dtype).expand(x.shape).contiguous()
 
     return replace

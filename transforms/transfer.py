@@ -95,8 +95,9 @@ class PairStats:
         if ctx_len < 1 or cos_bins < 1 or dist_bins < 2:
             raise ValueError("PairStats needs ctx_len >= 1, cos_bins >= 1 and dist_bins >= 2")
         if dist_max is not None and not dist_max > 0:
-            raise UserError(f"dist_max={dist_max} is not a positive distance: pass a value > 0, or none for "
-                            "log-spaced bins")
+            raise UserError(
+                f"dist_max={dist_max} is not a positive distance: pass a value > 0, or none for log-spaced bins"
+            )
         self.ctx_len = ctx_len
         self.cos_edges = np.linspace(-1.0, 1.0, cos_bins + 1)
         if dist_max is None:
@@ -118,8 +119,10 @@ class PairStats:
         """Add tokens `tok` [N] with A's rows `a` and B's rows `b` ([N, d] each, same tokens in the same order);
         returns their per-token cosine and distance ([N] float64 each)."""
         if a.shape != b.shape or a.ndim != 2:
-            raise UserError(f"model A's activations have shape {list(a.shape)} but model B's have {list(b.shape)}: "
-                            "compare two harvests of the same site over the same tokens, with the same width")
+            raise UserError(
+                f"model A's activations have shape {list(a.shape)} but model B's have {list(b.shape)}: "
+                "compare two harvests of the same site over the same tokens, with the same width"
+            )
         tok = np.asarray(tok, dtype=np.int64)
         if tok.shape != (a.shape[0],):
             raise ValueError(f"tok has shape {tok.shape}, expected ({a.shape[0]},) to match the activation rows")
@@ -148,8 +151,10 @@ class PairStats:
         """`tokens`, `cos_tokens` (tokens with a defined cosine), `cos_mean`, `cos_std`, `euclid_mean`,
         `euclid_std` (means over all tokens, population standard deviations), `norm_a_mean`, `norm_b_mean`."""
         if self._dist.n == 0:
-            raise UserError("no tokens were compared: the two harvests share no token index; harvest both models "
-                            "over the same corpus with the same context length")
+            raise UserError(
+                "no tokens were compared: the two harvests share no token index; harvest both models "
+                "over the same corpus with the same context length"
+            )
         dist_std = self._dist.std()
         return {
             "tokens": self._dist.n,
@@ -167,12 +172,14 @@ class PairStats:
         seen = np.flatnonzero(self._pos_n)
         with np.errstate(invalid="ignore", divide="ignore"):
             cos_mean = self._pos_cos_sum[seen] / self._pos_cos_n[seen]
-        return pl.DataFrame({
-            "pos": seen.astype(np.int64),
-            "n": self._pos_n[seen],
-            "cos_mean": cos_mean,
-            "euclid_mean": self._pos_dist_sum[seen] / self._pos_n[seen],
-        })
+        return pl.DataFrame(
+            {
+                "pos": seen.astype(np.int64),
+                "n": self._pos_n[seen],
+                "cos_mean": cos_mean,
+                "euclid_mean": self._pos_dist_sum[seen] / self._pos_n[seen],
+            }
+        )
 
     def histograms(self) -> PairHistograms:
         """Cosine and distance histograms of every token so far."""
@@ -210,14 +217,16 @@ class FeatureCorrelation:
         """Add latents `fa` (A's SAE on A's activations) and `fb` (the same SAE on B's), [N, d_sae] each, the same
         tokens in the same order."""
         if fa.shape != fb.shape or fa.ndim != 2 or fa.shape[1] != self.d_sae:
-            raise UserError(f"latents on A have shape {list(fa.shape)} and on B {list(fb.shape)}, expected "
-                            f"[N, {self.d_sae}] each: encode both harvests with the same SAE over the same tokens")
+            raise UserError(
+                f"latents on A have shape {list(fa.shape)} and on B {list(fb.shape)}, expected "
+                f"[N, {self.d_sae}] each: encode both harvests with the same SAE over the same tokens"
+            )
         if self._device is None:
             self._start(fa.device)
         rows = max(1, CHUNK_ELEMENTS // self.d_sae)
         for start in range(0, fa.shape[0], rows):
-            a = fa[start:start + rows].detach().to(self._device)
-            b = fb[start:start + rows].detach().to(self._device)
+            a = fa[start : start + rows].detach().to(self._device)
+            b = fb[start : start + rows].detach().to(self._device)
             flat = a.ne(0).logical_or_(b.ne(0)).view(-1).nonzero().squeeze(1)
             col = flat % self.d_sae
             va = a.reshape(-1).index_select(0, flat).to(torch.float64)
@@ -233,8 +242,10 @@ class FeatureCorrelation:
 
     def result(self) -> FeatureCorrelationResult:
         if self._device is None or self.tokens == 0:
-            raise UserError("no latents were compared: the two harvests share no token index; encode both "
-                            "harvests of the same corpus with the same SAE")
+            raise UserError(
+                "no latents were compared: the two harvests share no token index; encode both "
+                "harvests of the same corpus with the same SAE"
+            )
         n = self.tokens
         sum_a, sum_b, sum_aa, sum_bb, sum_ab = self._sums.unbind(dim=1)
         has_zero = self._counts < n  # zeros are values too: they bound the minimum and maximum
@@ -248,8 +259,9 @@ class FeatureCorrelation:
         return FeatureCorrelationResult(r.cpu().numpy(), counts[0], counts[1], n)
 
 
-def log_density_correlation(counts_a: np.ndarray | Tensor, counts_b: np.ndarray | Tensor, tokens_a: int,
-                            tokens_b: int) -> float:
+def log_density_correlation(
+    counts_a: np.ndarray | Tensor, counts_b: np.ndarray | Tensor, tokens_a: int, tokens_b: int
+) -> float:
     """Pearson correlation of log10 firing densities (count / tokens) of the same latents on two models.
 
     Only latents that fired at least once on both sides count: a dead latent has density 0 and no logarithm, and
@@ -258,11 +270,15 @@ def log_density_correlation(counts_a: np.ndarray | Tensor, counts_b: np.ndarray 
     """
     a, b = _as_numpy(counts_a).astype(np.float64), _as_numpy(counts_b).astype(np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise UserError(f"firing counts on A have shape {list(a.shape)} and on B {list(b.shape)}: pass one count "
-                        "per latent of the same SAE on each side")
+        raise UserError(
+            f"firing counts on A have shape {list(a.shape)} and on B {list(b.shape)}: pass one count "
+            "per latent of the same SAE on each side"
+        )
     if tokens_a <= 0 or tokens_b <= 0:
-        raise UserError(f"token totals must be positive (got A: {tokens_a}, B: {tokens_b}): pass the number of "
-                        "tokens each side's counts were taken over")
+        raise UserError(
+            f"token totals must be positive (got A: {tokens_a}, B: {tokens_b}): pass the number of "
+            "tokens each side's counts were taken over"
+        )
     alive = (a > 0) & (b > 0)
     log_a, log_b = np.log10(a[alive] / tokens_a), np.log10(b[alive] / tokens_b)
     if alive.sum() < 2 or np.ptp(log_a) == 0 or np.ptp(log_b) == 0:
@@ -271,8 +287,9 @@ def log_density_correlation(counts_a: np.ndarray | Tensor, counts_b: np.ndarray 
     return float(np.clip((log_a @ log_b) / np.sqrt((log_a @ log_a) * (log_b @ log_b)), -1.0, 1.0))
 
 
-def logit_weight_similarity(w_dec: Tensor, w_u_a: Tensor, w_u_b: Tensor, vocab: int | None = None,
-                            batch: int = 256) -> Tensor:
+def logit_weight_similarity(
+    w_dec: Tensor, w_u_a: Tensor, w_u_b: Tensor, vocab: int | None = None, batch: int = 256
+) -> Tensor:
     """[d_sae] float32 cosine, per latent, between its logit weights through model A's unembedding and through
     model B's (`W_dec[i] · W_U`, see `logit_weights`); NaN where either logit-weight vector is zero.
 
@@ -282,15 +299,19 @@ def logit_weight_similarity(w_dec: Tensor, w_u_a: Tensor, w_u_b: Tensor, vocab: 
     """
     if vocab is not None:
         if not 0 < vocab <= min(w_u_a.shape[1], w_u_b.shape[1]):
-            raise UserError(f"vocab={vocab} is not within both vocabularies ({w_u_a.shape[1]} and "
-                            f"{w_u_b.shape[1]} tokens): pass at most the smaller one")
+            raise UserError(
+                f"vocab={vocab} is not within both vocabularies ({w_u_a.shape[1]} and "
+                f"{w_u_b.shape[1]} tokens): pass at most the smaller one"
+            )
         w_u_a, w_u_b = w_u_a[:, :vocab], w_u_b[:, :vocab]
     if w_u_a.shape != w_u_b.shape:
-        raise UserError(f"unembeddings differ in shape ({list(w_u_a.shape)} vs {list(w_u_b.shape)}): compare models "
-                        "with the same tokenizer, or pass vocab=<shared token count> when one appended tokens")
+        raise UserError(
+            f"unembeddings differ in shape ({list(w_u_a.shape)} vs {list(w_u_b.shape)}): compare models "
+            "with the same tokenizer, or pass vocab=<shared token count> when one appended tokens"
+        )
     parts = []
     for start in range(0, w_dec.shape[0], batch):
-        rows = w_dec[start:start + batch]
+        rows = w_dec[start : start + batch]
         la = logit_weights(rows, w_u_a).to(torch.float64)
         lb = logit_weights(rows, w_u_b).to(torch.float64)
         norms = la.norm(dim=-1) * lb.norm(dim=-1)

@@ -33,8 +33,28 @@ from actstore.transforms.logit_weights import top_tokens
 
 CTX_LEN = 128  # token_batches packs windows of this length
 D_MODEL, VOCAB = 576, 49152
-WORDS = ("the", " model", " reads", " tokens", " and", " writes", "\n", " def", "(", ")", ":", " return", " self",
-         ".", ",", " a", " feature", " store", " of", " sparse")
+WORDS = (
+    "the",
+    " model",
+    " reads",
+    " tokens",
+    " and",
+    " writes",
+    "\n",
+    " def",
+    "(",
+    ")",
+    ":",
+    " return",
+    " self",
+    ".",
+    ",",
+    " a",
+    " feature",
+    " store",
+    " of",
+    " sparse",
+)
 
 
 def decode(ids: list[int]) -> str:

@@ -39,17 +39,35 @@ def synthetic_harvest(root: Path, chunks: int) -> tuple[str, list[np.ndarray]]:
     harvest_id = "harvest-synthetic-00000000"
     directory = Store(root).harvest_dir(harvest_id)
     n = chunks * CHUNK
-    attrs = ActivationAttrs(harvest_id=harvest_id, corpus_id="corpus-synthetic", site=SITE, module="model.layers.6",
-                            model="synthetic", logical_dtype="float32", n_tokens=n, d=D, ctx_len=128,
-                            chunk_tokens=CHUNK)
+    attrs = ActivationAttrs(
+        harvest_id=harvest_id,
+        corpus_id="corpus-synthetic",
+        site=SITE,
+        module="model.layers.6",
+        model="synthetic",
+        logical_dtype="float32",
+        n_tokens=n,
+        d=D,
+        ctx_len=128,
+        chunk_tokens=CHUNK,
+    )
     arrays = HarvestArrays(directory, [ArraySpec(attrs)], n, CHUNK)
     rng = np.random.default_rng(0)
     data = [rng.standard_normal((CHUNK, D), dtype=np.float32) for _ in range(chunks)]
     for c, x in enumerate(data):
         arrays.write_chunk(c, {SITE: x})
-    write_manifest(directory, Manifest(kind="harvest", id=harvest_id, config={"model": {"name": "synthetic"}},
-                                       code_version="bench", created=utc_now(), counts={"n_tokens": n},
-                                       extra={"arrays": {SITE: {"d": D}}, "corpus_id": "corpus-synthetic"}))
+    write_manifest(
+        directory,
+        Manifest(
+            kind="harvest",
+            id=harvest_id,
+            config={"model": {"name": "synthetic"}},
+            code_version="bench",
+            created=utc_now(),
+            counts={"n_tokens": n},
+            extra={"arrays": {SITE: {"d": D}}, "corpus_id": "corpus-synthetic"},
+        ),
+    )
     return harvest_id, data
 
 
@@ -60,9 +78,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
-    sae = SAE(SAEConfig(architecture="topk", d_in=D, d_sae=D_SAE, k=K, hook_name=SITE),
-              {"W_enc": torch.randn(D, D_SAE, generator=g) / D**0.5, "W_dec": torch.randn(D_SAE, D, generator=g),
-               "b_enc": torch.zeros(D_SAE), "b_dec": torch.zeros(D)})
+    sae = SAE(
+        SAEConfig(architecture="topk", d_in=D, d_sae=D_SAE, k=K, hook_name=SITE),
+        {
+            "W_enc": torch.randn(D, D_SAE, generator=g) / D**0.5,
+            "W_dec": torch.randn(D_SAE, D, generator=g),
+            "b_enc": torch.zeros(D_SAE),
+            "b_dec": torch.zeros(D),
+        },
+    )
     bare, flow_s, finish_s = [], [], []
     with tempfile.TemporaryDirectory(prefix="actstore-bench-") as tmp:
         root = Path(tmp)
@@ -87,8 +111,10 @@ def main() -> None:
             start = time.perf_counter()
             manifest = finish_features.fn(str(root), config, stats)
             finish_s.append(time.perf_counter() - start)
-            print(f"repeat {r}: bare {bare[-1]:.2f} s, encode+write {flow_s[-1]:.2f} s, finish {finish_s[-1]:.2f} s",
-                  flush=True)
+            print(
+                f"repeat {r}: bare {bare[-1]:.2f} s, encode+write {flow_s[-1]:.2f} s, finish {finish_s[-1]:.2f} s",
+                flush=True,
+            )
     tokens = args.chunks * CHUNK
     b, f, s = (statistics.median(v) for v in (bare, flow_s, finish_s))
     rows = [
@@ -99,8 +125,10 @@ def main() -> None:
         ("encode+write+sort tokens/s", f"{tokens / (f + s):,.0f}"),
         ("non-zeros stored", f"{manifest.counts['nnz']:,}"),
     ]
-    header = (f"TopK SAE d_in={D}, d_sae={D_SAE}, k={K}; {tokens:,} synthetic fp32 tokens in chunks of {CHUNK}; "
-              f"median of {args.repeats}; {torch.get_num_threads()} torch threads, cpu")
+    header = (
+        f"TopK SAE d_in={D}, d_sae={D_SAE}, k={K}; {tokens:,} synthetic fp32 tokens in chunks of {CHUNK}; "
+        f"median of {args.repeats}; {torch.get_num_threads()} torch threads, cpu"
+    )
     publish(measure_table(header, rows), args.out)
 
 

@@ -66,16 +66,19 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="actstore-bench-") as tmp:
-        corpus = ingest_corpus.fn(str(Path(tmp) / "corpus-store"),
-                                  CorpusConfig(source="pydocs", ctx_len=CTX_LEN, max_tokens=args.tokens))
+        corpus = ingest_corpus.fn(
+            str(Path(tmp) / "corpus-store"), CorpusConfig(source="pydocs", ctx_len=CTX_LEN, max_tokens=args.tokens)
+        )
         corpus_root = Path(tmp) / "corpus-store"
         device = torch.device("cpu")
         model = cached_model(ModelConfig(), str(device))
         batch_windows = 4096 // CTX_LEN
         corpus_dir = Store(corpus_root).corpus_dir(corpus.id)
         n_seqs = args.tokens // CTX_LEN
-        batches = [torch.from_numpy(read_windows(corpus_dir, s, min(s + batch_windows, n_seqs), CTX_LEN)).long()
-                   for s in range(0, n_seqs, batch_windows)]
+        batches = [
+            torch.from_numpy(read_windows(corpus_dir, s, min(s + batch_windows, n_seqs), CTX_LEN)).long()
+            for s in range(0, n_seqs, batch_windows)
+        ]
         tokens = sum(b.numel() for b in batches)
         layer = args.layer
         site = f"blocks.{layer}.hook_resid_post"
@@ -102,8 +105,10 @@ def main() -> None:
         layers4 = [layer // 4 * i for i in (1, 2, 3)] + [layer] if layer >= 4 else [0, 1, 2, 3]
         sites4 = tuple(f"blocks.{lay}.hook_resid_post" for lay in layers4)
         four_in_one, _ = harvest_seconds(new_root("four"), corpus.id, sites4, args.tokens)
-        four_single = sum(harvest_seconds(new_root(f"single-{lay}"), corpus.id, (s,), args.tokens)[0]
-                          for lay, s in zip(layers4, sites4, strict=True))
+        four_single = sum(
+            harvest_seconds(new_root(f"single-{lay}"), corpus.id, (s,), args.tokens)[0]
+            for lay, s in zip(layers4, sites4, strict=True)
+        )
 
     bare_tps = tokens / statistics.median(bare)
     harvest_tps = tokens / statistics.median(harvested)
@@ -118,9 +123,11 @@ def main() -> None:
         ("**one-pass speed-up for 4 sites**", f"**{four_single / four_in_one:.2f}x**"),
         (f"bytes on disk per token per site (d=576, {model.dtype})", f"{bytes_per_token:,.1f}"),
     ]
-    header = (f"Embedded default (SmolLM2-135M, {n_layers(model)} blocks, fp32), {tokens:,} tokens per run in batches "
-              f"of 4096, ctx_len {CTX_LEN}, median of {args.repeats}; {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} torch threads, device cpu")
+    header = (
+        f"Embedded default (SmolLM2-135M, {n_layers(model)} blocks, fp32), {tokens:,} tokens per run in batches "
+        f"of 4096, ctx_len {CTX_LEN}, median of {args.repeats}; {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, device cpu"
+    )
     publish(measure_table(header, rows), args.out)
 
 

@@ -53,8 +53,9 @@ def sequential(store: Store, harvest_id: str) -> Callable[[], Iterable[torch.Ten
     return batches
 
 
-def bench_reader(root: Path, n_rows: int, d: int, chunk: int, batch_size: int, buffer_tokens: int,
-                 workers: int, repeats: int) -> list[dict[str, Any]]:
+def bench_reader(
+    root: Path, n_rows: int, d: int, chunk: int, batch_size: int, buffer_tokens: int, workers: int, repeats: int
+) -> list[dict[str, Any]]:
     """Write the synthetic harvest under `root` and time every reader against the sequential baseline."""
     start = time.perf_counter()
     made = write_synthetic_store(root, n_rows // CTX_LEN, CTX_LEN, chunk, [{SITE: (d, "float32")}])
@@ -65,16 +66,18 @@ def bench_reader(root: Path, n_rows: int, d: int, chunk: int, batch_size: int, b
         pass  # into the page cache
 
     def shuffled(epoch: int, **filters: Any) -> ShardReader:
-        reader = ShardReader(store, [(harvest_id, SITE)], batch_size=batch_size, seed=0,
-                             buffer_tokens=buffer_tokens, **filters)
+        reader = ShardReader(
+            store, [(harvest_id, SITE)], batch_size=batch_size, seed=0, buffer_tokens=buffer_tokens, **filters
+        )
         reader.set_epoch(epoch)
         return reader
 
     cases: dict[str, Callable[[int], Callable[[], Iterable[torch.Tensor]]]] = {
         "shuffled reader, in process": lambda e: lambda: shuffled(e),
         f"shuffled reader, loader with {workers} workers": lambda e: lambda: make_loader(shuffled(e), workers),
-        "shuffled reader, split=train, drop_positions={0}": lambda e: lambda: shuffled(e, split="train",
-                                                                                    drop_positions={0}),
+        "shuffled reader, split=train, drop_positions={0}": lambda e: (
+            lambda: shuffled(e, split="train", drop_positions={0})
+        ),
     }
     times: dict[str, list[float]] = {"sequential Zarr read": [], **{name: [] for name in cases}}
     for epoch in range(repeats):
@@ -83,9 +86,16 @@ def bench_reader(root: Path, n_rows: int, d: int, chunk: int, batch_size: int, b
             times[name].append(rows_per_second(case(epoch)))
     baseline = statistics.median(times["sequential Zarr read"])
     row_bytes = d * 4
-    return [{"reader": name, "rows_per_s": statistics.median(values), "mb_per_s": statistics.median(values)
-             * row_bytes / 1e6, "ratio": statistics.median(values) / baseline, "write_seconds": write_seconds}
-            for name, values in times.items()]
+    return [
+        {
+            "reader": name,
+            "rows_per_s": statistics.median(values),
+            "mb_per_s": statistics.median(values) * row_bytes / 1e6,
+            "ratio": statistics.median(values) / baseline,
+            "write_seconds": write_seconds,
+        }
+        for name, values in times.items()
+    ]
 
 
 def reader_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -99,19 +109,25 @@ def reader_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str
         "| reader | rows/s | MB/s | ÷ sequential |",
         "|---|---:|---:|---:|",
     ]
-    lines += [f"| {r['reader']} | {r['rows_per_s']:,.0f} | {r['mb_per_s']:,.0f} | {r['ratio']:.2f} |"
-              for r in results]
+    lines += [f"| {r['reader']} | {r['rows_per_s']:,.0f} | {r['mb_per_s']:,.0f} | {r['ratio']:.2f} |" for r in results]
     return "\n".join(lines) + "\n"
 
 
-def bench_training(root: Path, harvest_id: str, d: int, batch_size: int, steps: int,
-                   repeats: int) -> dict[str, float]:
+def bench_training(root: Path, harvest_id: str, d: int, batch_size: int, steps: int, repeats: int) -> dict[str, float]:
     """TopK SAE steps/s fed by the shuffled reader vs fed from batches already in memory (same batches)."""
     from actstore.schemas.train import TrainConfig
     from actstore.transforms.sae_training import Trainer
 
-    cfg = TrainConfig(architecture="topk", d_sae=8 * d, k=32, total_tokens=batch_size * steps * 100,
-                      batch_size=batch_size, warmup_steps=0, b_dec_init="mean", init_tokens=batch_size)
+    cfg = TrainConfig(
+        architecture="topk",
+        d_sae=8 * d,
+        k=32,
+        total_tokens=batch_size * steps * 100,
+        batch_size=batch_size,
+        warmup_steps=0,
+        b_dec_init="mean",
+        init_tokens=batch_size,
+    )
     store = Store(root)
 
     def reader_batches() -> Iterable[torch.Tensor]:
@@ -149,15 +165,17 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        results = bench_reader(Path(tmp), args.rows, args.d, args.chunk, args.batch, args.buffer, args.workers,
-                               args.repeats)
+        results = bench_reader(
+            Path(tmp), args.rows, args.d, args.chunk, args.batch, args.buffer, args.workers, args.repeats
+        )
         harvest_id = next(p.name for p in (Path(tmp) / "activations").iterdir() if p.is_dir())
         training = bench_training(Path(tmp), harvest_id, args.d, args.batch, args.train_steps, args.repeats)
     table = reader_table(results, args) + (
         f"\n\nSAE training (TopK, d_sae={8 * args.d}, k=32, batch {args.batch}, {args.train_steps} steps, median of "
         f"{args.repeats}):\n\n| fed by | steps/s | ÷ in-memory |\n|---|---:|---:|\n"
         f"| in-memory tensors (same batches) | {training['memory']:.3f} | 1.00 |\n"
-        f"| shuffled shard reader | {training['reader']:.3f} | **{training['reader'] / training['memory']:.3f}** |\n")
+        f"| shuffled shard reader | {training['reader']:.3f} | **{training['reader'] / training['memory']:.3f}** |\n"
+    )
     publish(table, args.out)
 
 

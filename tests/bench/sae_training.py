@@ -22,8 +22,12 @@ def dense_step(d_in: int, d_sae: int, k: int) -> Callable[[torch.Tensor], None]:
     g = torch.Generator().manual_seed(0)
     w_dec = torch.randn(d_sae, d_in, generator=g)
     w_dec /= w_dec.norm(dim=-1, keepdim=True)
-    params = [w_dec.T.contiguous().requires_grad_(), torch.zeros(d_sae, requires_grad=True),
-              w_dec.requires_grad_(), torch.zeros(d_in, requires_grad=True)]
+    params = [
+        w_dec.T.contiguous().requires_grad_(),
+        torch.zeros(d_sae, requires_grad=True),
+        w_dec.requires_grad_(),
+        torch.zeros(d_in, requires_grad=True),
+    ]
     optimizer = torch.optim.Adam(params, lr=1e-4)
 
     def run(x: torch.Tensor) -> None:
@@ -48,8 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     x = torch.randn(args.batch, args.d_in, generator=torch.Generator().manual_seed(1))
-    cfg = TrainConfig(d_sae=args.d_sae, k=args.k, batch_size=args.batch, total_tokens=args.batch * 1000,
-                      warmup_steps=0)
+    cfg = TrainConfig(d_sae=args.d_sae, k=args.k, batch_size=args.batch, total_tokens=args.batch * 1000, warmup_steps=0)
     trainer = Trainer(cfg, args.d_in)
     trainer.init_from_data(x)
     with_dead = Trainer(cfg, args.d_in)
@@ -61,8 +64,11 @@ def main() -> None:
         with_dead.tokens_since_fired[: args.d_sae // 4] = cfg.dead_tokens
         assert with_dead.step(x).auxk_loss > 0
 
-    runs = {"trainer": trainer.step, "trainer+auxk": step_with_dead,
-            "dense autograd": dense_step(args.d_in, args.d_sae, args.k)}
+    runs = {
+        "trainer": trainer.step,
+        "trainer+auxk": step_with_dead,
+        "dense autograd": dense_step(args.d_in, args.d_sae, args.k),
+    }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run(x)  # warm-up
@@ -72,8 +78,10 @@ def main() -> None:
             run(x)
             times[name].append(time.perf_counter() - start)
     machine = platform.processor() or platform.machine()
-    print(f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch}")
+    print(
+        f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch}"
+    )
     for name, seconds in times.items():
         median = statistics.median(seconds)
         rate = args.batch / median

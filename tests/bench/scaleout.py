@@ -42,8 +42,14 @@ from pathlib import Path
 from typing import Any
 
 # Prefect reads PREFECT_HOME when it is imported: point it at a temporary directory before any import of it.
-os.environ.update({} if os.environ.get("PREFECT_API_URL") else {
-    "PREFECT_HOME": tempfile.mkdtemp(prefix="actstore-bench-prefect-"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+os.environ.update(
+    {}
+    if os.environ.get("PREFECT_API_URL")
+    else {
+        "PREFECT_HOME": tempfile.mkdtemp(prefix="actstore-bench-prefect-"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+)
 
 import distributed
 import prefect
@@ -85,21 +91,35 @@ def encode_flow(store_root: str, config: EncodeConfig, run: RunSettings, cluster
 
 
 @flow(name="bench-scaleout")
-def scaleout_flow(store_root: str, warmup: HarvestConfig, config: HarvestConfig, encode: EncodeConfig,
-                  run: RunSettings, cluster: Cluster) -> list[Manifest]:
+def scaleout_flow(
+    store_root: str,
+    warmup: HarvestConfig,
+    config: HarvestConfig,
+    encode: EncodeConfig,
+    run: RunSettings,
+    cluster: Cluster,
+) -> list[Manifest]:
     """The warm-up harvest (loads the model on every worker), then the measured harvest and encode, all on the
     one cluster this flow's task runner starts."""
-    return [harvest_step(store_root, warmup, run, cluster), harvest_step(store_root, config, run, cluster),
-            encode_step(store_root, encode, run, cluster)]
+    return [
+        harvest_step(store_root, warmup, run, cluster),
+        harvest_step(store_root, config, run, cluster),
+        encode_step(store_root, encode, run, cluster),
+    ]
 
 
 def random_sae() -> SAE:
     g = torch.Generator().manual_seed(0)
-    config = SAEConfig(architecture="topk", d_in=D, d_sae=D_SAE, k=K, hook_name=SITE,
-                       model_name=ModelConfig().label())
-    return SAE(config, {"W_enc": torch.randn(D, D_SAE, generator=g) / D**0.5,
-                        "W_dec": torch.randn(D_SAE, D, generator=g) / D_SAE**0.5,
-                        "b_enc": torch.zeros(D_SAE), "b_dec": torch.zeros(D)})
+    config = SAEConfig(architecture="topk", d_in=D, d_sae=D_SAE, k=K, hook_name=SITE, model_name=ModelConfig().label())
+    return SAE(
+        config,
+        {
+            "W_enc": torch.randn(D, D_SAE, generator=g) / D**0.5,
+            "W_dec": torch.randn(D_SAE, D, generator=g) / D_SAE**0.5,
+            "b_enc": torch.zeros(D_SAE),
+            "b_dec": torch.zeros(D),
+        },
+    )
 
 
 def encode_config(store_root: str, sae: SAE, harvest: HarvestConfig) -> EncodeConfig:
@@ -134,8 +154,9 @@ class Bench:
     def __init__(self, tmp: Path, tokens: int) -> None:
         self.tmp = tmp
         corpus_root = tmp / "corpus-store"
-        self.corpus_id = ingest_corpus.fn(str(corpus_root), CorpusConfig(source="pydocs", ctx_len=CTX_LEN,
-                                                                          max_tokens=tokens)).id
+        self.corpus_id = ingest_corpus.fn(
+            str(corpus_root), CorpusConfig(source="pydocs", ctx_len=CTX_LEN, max_tokens=tokens)
+        ).id
         self.corpus_dir = Store(corpus_root).corpus_dir(self.corpus_id)
         self.sae = random_sae()
 
@@ -146,8 +167,9 @@ class Bench:
         return str(root)
 
     def harvest_config(self, tokens: int, batch_windows: int | None = None) -> HarvestConfig:
-        return HarvestConfig(corpus_id=self.corpus_id, sites=(SITE,), loss=False, max_tokens=tokens,
-                             batch_windows=batch_windows)
+        return HarvestConfig(
+            corpus_id=self.corpus_id, sites=(SITE,), loss=False, max_tokens=tokens, batch_windows=batch_windows
+        )
 
     def scaleout(self, tokens: int, workers: int, threads: int) -> tuple[Manifest, Manifest]:
         """Harvest then encode `tokens` on a local Dask cluster of `workers` processes: their manifests."""
@@ -160,8 +182,10 @@ class Bench:
         steps = scaleout_flow.with_options(task_runner=cluster.task_runner())
         warm, harvested, encoded = steps(root, warmup, config, encode_config(root, self.sae, config), run, cluster)
         if warm.timings["worker_processes"] != workers:
-            raise RuntimeError(f"the warm-up harvest ran on {warm.timings['worker_processes']:.0f} of {workers} "
-                               "workers: a worker's model load would be in the measured time; run the bench again")
+            raise RuntimeError(
+                f"the warm-up harvest ran on {warm.timings['worker_processes']:.0f} of {workers} "
+                "workers: a worker's model load would be in the measured time; run the bench again"
+            )
         shutil.rmtree(root)
         return harvested, encoded
 
@@ -172,12 +196,18 @@ class Bench:
         run = RunSettings(device="cpu", threads=threads, progress=False)
         runtime = HarvestRuntime(device="cpu", threads=threads, progress=False)
         direct_root, prefect_root = self.new_root(f"direct-{name}"), self.new_root(f"prefect-{name}")
-        harvest_s, harvests = zip(timed(direct_harvest, direct_root, config, runtime),
-                                  timed(harvest_flow, prefect_root, config, run, Cluster()), strict=True)
+        harvest_s, harvests = zip(
+            timed(direct_harvest, direct_root, config, runtime),
+            timed(harvest_flow, prefect_root, config, run, Cluster()),
+            strict=True,
+        )
         encodes = [encode_config(root, self.sae, config) for root in (direct_root, prefect_root)]
         encode_runtime = EncodeRuntime(device="cpu", threads=threads, progress=False)
-        encode_s, features = zip(timed(direct_encode, direct_root, encodes[0], encode_runtime),
-                                 timed(encode_flow, prefect_root, encodes[1], run, Cluster()), strict=True)
+        encode_s, features = zip(
+            timed(direct_encode, direct_root, encodes[0], encode_runtime),
+            timed(encode_flow, prefect_root, encodes[1], run, Cluster()),
+            strict=True,
+        )
         if harvests[0].counts != harvests[1].counts or features[0].counts != features[1].counts:
             raise RuntimeError(f"direct and Prefect runs stored different objects: {harvests}, {features}")
         shutil.rmtree(direct_root)
@@ -192,8 +222,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=262144, help="tokens per run (multiple of 4096, >= 8192)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating direct / Prefect pairs")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads in all: 1 worker gets them all, 2 workers half each")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads in all: 1 worker gets them all, 2 workers half each"
+    )
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args()
     if args.tokens < 2 * CHUNK or args.tokens % CHUNK:
@@ -207,11 +238,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="actstore-bench-") as tmp:
         bench = Bench(Path(tmp), args.tokens)
         one = bench.scaleout(args.tokens, 1, args.threads)
-        print(f"1 worker: harvest {one[0].timings['tokens_per_s']:,.0f} tok/s, "
-              f"encode {one[1].timings['tokens_per_s']:,.0f} tok/s", flush=True)
+        print(
+            f"1 worker: harvest {one[0].timings['tokens_per_s']:,.0f} tok/s, "
+            f"encode {one[1].timings['tokens_per_s']:,.0f} tok/s",
+            flush=True,
+        )
         two = bench.scaleout(args.tokens, 2, half)
-        print(f"2 workers: harvest {two[0].timings['tokens_per_s']:,.0f} tok/s, "
-              f"encode {two[1].timings['tokens_per_s']:,.0f} tok/s", flush=True)
+        print(
+            f"2 workers: harvest {two[0].timings['tokens_per_s']:,.0f} tok/s, "
+            f"encode {two[1].timings['tokens_per_s']:,.0f} tok/s",
+            flush=True,
+        )
 
         cached_model(ModelConfig(), "cpu")
         bench.overhead_pair("warmup", 2 * CHUNK, args.threads)  # first-call allocations and Prefect's first runs
@@ -221,30 +258,45 @@ def main() -> None:
             h, e = bench.overhead_pair(str(r), args.tokens, args.threads)
             harvest_s.append(h)
             encode_s.append(e)
-            print(f"repeat {r}: harvest direct {h[0]:.2f} s, Prefect {h[1]:.2f} s; "
-                  f"encode direct {e[0]:.2f} s, Prefect {e[1]:.2f} s", flush=True)
+            print(
+                f"repeat {r}: harvest direct {h[0]:.2f} s, Prefect {h[1]:.2f} s; "
+                f"encode direct {e[0]:.2f} s, Prefect {e[1]:.2f} s",
+                flush=True,
+            )
 
     def ratio_rows(step: str, on_one: Manifest, on_two: Manifest) -> list[tuple[str, str]]:
         one_tps, two_tps = on_one.timings["tokens_per_s"], on_two.timings["tokens_per_s"]
         each = f"{half} thread{'s' if half > 1 else ''} each"
-        return [(f"{step} tokens/s, 1 Dask worker ({args.threads} threads, {on_one.timings['shards']:.0f} shards)",
-                 f"{one_tps:,.0f}"),
-                (f"{step} tokens/s, 2 Dask workers ({each}, {on_two.timings['shards']:.0f} shards)", f"{two_tps:,.0f}"),
-                ("**2 workers / 1 worker**", f"**{two_tps / one_tps:.2f}x**")]
+        return [
+            (
+                f"{step} tokens/s, 1 Dask worker ({args.threads} threads, {on_one.timings['shards']:.0f} shards)",
+                f"{one_tps:,.0f}",
+            ),
+            (f"{step} tokens/s, 2 Dask workers ({each}, {on_two.timings['shards']:.0f} shards)", f"{two_tps:,.0f}"),
+            ("**2 workers / 1 worker**", f"**{two_tps / one_tps:.2f}x**"),
+        ]
 
     def overhead_rows(step: str, seconds: list[list[float]]) -> list[tuple[str, str]]:
         direct, through = (statistics.median(s[i] for s in seconds) for i in (0, 1))
-        return [(f"{step} direct (no Prefect) seconds", f"{direct:.2f}"),
-                (f"{step} through Prefect seconds", f"{through:.2f}"),
-                ("**Prefect overhead** (target < 5 %)", f"**{100 * (through - direct) / direct:+.1f} %**")]
+        return [
+            (f"{step} direct (no Prefect) seconds", f"{direct:.2f}"),
+            (f"{step} through Prefect seconds", f"{through:.2f}"),
+            ("**Prefect overhead** (target < 5 %)", f"**{100 * (through - direct) / direct:+.1f} %**"),
+        ]
 
-    rows = (ratio_rows("harvest", one[0], two[0]) + ratio_rows("encode", one[1], two[1])
-            + overhead_rows("harvest", harvest_s) + overhead_rows("encode", encode_s))
-    header = (f"Embedded default (SmolLM2-135M, fp32), pydocs, {args.tokens:,} tokens per run, ctx_len {CTX_LEN}, "
-              f"site {SITE}, no loss; TopK SAE d_sae={D_SAE}, k={K} (random weights); Dask {distributed.__version__} "
-              f"LocalCluster, Prefect {prefect.__version__} ({server}); Prefect overhead: median of {args.repeats} "
-              f"alternating runs, {args.threads} threads; {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores, device cpu")
+    rows = (
+        ratio_rows("harvest", one[0], two[0])
+        + ratio_rows("encode", one[1], two[1])
+        + overhead_rows("harvest", harvest_s)
+        + overhead_rows("encode", encode_s)
+    )
+    header = (
+        f"Embedded default (SmolLM2-135M, fp32), pydocs, {args.tokens:,} tokens per run, ctx_len {CTX_LEN}, "
+        f"site {SITE}, no loss; TopK SAE d_sae={D_SAE}, k={K} (random weights); Dask {distributed.__version__} "
+        f"LocalCluster, Prefect {prefect.__version__} ({server}); Prefect overhead: median of {args.repeats} "
+        f"alternating runs, {args.threads} threads; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, device cpu"
+    )
     publish(measure_table(header, rows), args.out)
 
 
