@@ -2,7 +2,7 @@
 
 import sys
 
-from actstore.flows.cli import main
+from actstore.flows.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

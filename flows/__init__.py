@@ -1,1 +1,3 @@
-"""Prefect flows that compose store and transforms, and the `actstore` CLI."""
+"""Prefect flows that compose store and transforms: one module per step flow (ingest, harvest, train, encode,
+eval, ...), and the rooms `cli/` (the `actstore` command), `dashboard/` and `orchestration/` (pipelines, serve,
+Dask)."""

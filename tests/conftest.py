@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from actstore.flows.prefect_server import start_server, stop_server
+from actstore.flows.orchestration.prefect_server import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parent.parent
 _server: subprocess.Popen[bytes] | None = None

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pytest
 from matplotlib.image import imread
 
-from actstore.flows.dashboard import dashboard_server, serve_in_thread
-from actstore.flows.dashboard_data import DashboardOptions, FeatureData, gather
-from actstore.flows.dashboard_pages import LogitTokens, SiteInfo, display_text, write_site
-from actstore.flows.dashboard_plots import write_plots
-from actstore.flows.dashboard_results import MIN_WIDTHS_FOR_FIT, gather_results
+from actstore.flows.dashboard.data import DashboardOptions, FeatureData, gather
+from actstore.flows.dashboard.flow import dashboard_server, serve_in_thread
+from actstore.flows.dashboard.pages import LogitTokens, SiteInfo, display_text, write_site
+from actstore.flows.dashboard.plots import write_plots
+from actstore.flows.dashboard.results import MIN_WIDTHS_FOR_FIT, gather_results
 from actstore.schemas.attribution import ATTRIBUTION_DIR, PER_FEATURE_NAME
 from actstore.schemas.attribution import PER_FEATURE_SCHEMA as ATTRIBUTION_PER_FEATURE_SCHEMA
 from actstore.schemas.errors import UserError

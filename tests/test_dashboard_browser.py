@@ -14,8 +14,8 @@ import pytest
 import torch
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from actstore.flows.dashboard import RECORD_NAME, artifact_key, dashboard, dashboard_server, serve_in_thread
-from actstore.flows.dashboard_data import DashboardOptions
+from actstore.flows.dashboard.data import DashboardOptions
+from actstore.flows.dashboard.flow import RECORD_NAME, artifact_key, dashboard, dashboard_server, serve_in_thread
 from actstore.flows.encode import encode
 from actstore.flows.eval import evaluate
 from actstore.flows.harvest import cached_model, harvest

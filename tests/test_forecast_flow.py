@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from actstore.flows.cli.forecast import add_forecast_args, cmd_forecast, config_from_args, demo_forecast, forecast_lines
 from actstore.flows.eval import evaluate
 from actstore.flows.forecast import fit_laws, forecast
-from actstore.flows.forecast_cli import add_forecast_args, cmd_forecast, config_from_args, demo_forecast, forecast_lines
 from actstore.flows.forecast_runs import count_parameters, lookup
 from actstore.flows.harvest import cached_model, harvest
 from actstore.flows.ingest import ingest

@@ -15,8 +15,8 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName, TaskRunFi
 from prefect.client.schemas.sorting import FlowRunSort
 from transformers import AutoModelForCausalLM
 
-from actstore.flows.cli import main
-from actstore.flows.pipeline import pipeline
+from actstore.flows.cli.main import main
+from actstore.flows.orchestration.pipeline import pipeline
 from actstore.schemas.errors import UserError
 from actstore.schemas.pipeline import load_pipeline_config
 from actstore.store.root import Store
@@ -200,7 +200,7 @@ def test_pipeline_on_an_object_store_root_publishes_every_object(
 
 
 def test_shards_cover_every_chunk_once_and_gpu_tasks_follow_the_cluster() -> None:
-    from actstore.flows.cluster import Cluster, shard_ranges, uses_gpu
+    from actstore.flows.orchestration.cluster import Cluster, shard_ranges, uses_gpu
 
     for n_chunks, cluster, per in [
         (386, Cluster(), None),

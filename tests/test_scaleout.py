@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from actstore.flows.cluster import connect
-from actstore.flows.pipeline import pipeline
-from actstore.flows.prefect_server import free_port
+from actstore.flows.orchestration.cluster import connect
+from actstore.flows.orchestration.pipeline import pipeline
+from actstore.flows.orchestration.prefect_server import free_port
 from actstore.schemas.errors import UserError
 from actstore.store.activations import PROGRESS_DIR, WRITES_LOG
 from actstore.store.root import Store

@@ -19,7 +19,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 
-from actstore.flows.cli import main
+from actstore.flows.cli.main import main
 from actstore.schemas.manifest import MANIFEST_NAME
 from tests.helpers import cli_popen, tiny_pipeline
 

@@ -22,10 +22,10 @@ import torch
 from bench_report import publish
 from features import feature_probabilities, synthetic_chunks, token_batches
 
-from actstore.flows.dashboard_data import DashboardOptions, gather
-from actstore.flows.dashboard_pages import LogitTokens, SiteInfo, write_site
-from actstore.flows.dashboard_plots import write_plots
-from actstore.flows.dashboard_results import Results
+from actstore.flows.dashboard.data import DashboardOptions, gather
+from actstore.flows.dashboard.pages import LogitTokens, SiteInfo, write_site
+from actstore.flows.dashboard.plots import write_plots
+from actstore.flows.dashboard.results import Results
 from actstore.store.feature_queries import FeatureQueries
 from actstore.store.features import FeatureWriter
 from actstore.store.tokens import scan_tokens, write_token_table

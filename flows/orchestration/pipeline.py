@@ -20,13 +20,13 @@ from prefect.context import TaskRunContext
 from prefect.settings import get_current_settings
 from transformers import AutoModelForCausalLM
 
-from actstore.flows.cluster import Cluster, connect, on_model_device, run_shards, shard_ranges
-from actstore.flows.dashboard import RECORD_NAME, dashboard, default_site_dir
+from actstore.flows.dashboard.flow import RECORD_NAME, dashboard, default_site_dir
 from actstore.flows.encode import encode_shard, finish_features, prepare_encode
 from actstore.flows.eval import evaluate_sae
 from actstore.flows.harvest import HarvestPlan, harvest_shard, plan_harvest, prepare_arrays, publish_harvest
 from actstore.flows.ingest import ingest
-from actstore.flows.pipeline_report import report
+from actstore.flows.orchestration.cluster import Cluster, connect, on_model_device, run_shards, shard_ranges
+from actstore.flows.orchestration.report import report
 from actstore.flows.train import train
 from actstore.schemas.encode import EncodeConfig, EncodeRuntime
 from actstore.schemas.errors import UserError
@@ -351,7 +351,7 @@ def run_pipeline(
     if (dask_address or workers or config.run.dask_address or config.run.workers) and not os.environ.get(
         "PREFECT_API_URL"
     ):
-        from actstore.flows.prefect_server import ensure_api
+        from actstore.flows.orchestration.prefect_server import ensure_api
 
         ensure_api()
     return pipeline(str(path.resolve()), dask_address, workers, store)

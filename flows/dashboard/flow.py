@@ -23,10 +23,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
-from actstore.flows.dashboard_data import DEFAULT_OPTIONS, DashboardOptions, gather
-from actstore.flows.dashboard_pages import LogitTokens, SiteInfo, write_site
-from actstore.flows.dashboard_plots import write_plots
-from actstore.flows.dashboard_results import gather_results
+from actstore.flows.dashboard.data import DEFAULT_OPTIONS, DashboardOptions, gather
+from actstore.flows.dashboard.pages import LogitTokens, SiteInfo, write_site
+from actstore.flows.dashboard.plots import write_plots
+from actstore.flows.dashboard.results import gather_results
 from actstore.flows.harvest import cached_model
 from actstore.schemas.errors import UserError
 from actstore.schemas.model import ModelConfig

@@ -14,7 +14,7 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from actstore.flows.analysis_cli import (
+from actstore.flows.cli.analysis import (
     add_attribute_args,
     add_dashboard_args,
     add_direction_args,
@@ -28,8 +28,8 @@ from actstore.flows.analysis_cli import (
     cmd_synthetic,
     cmd_transfer,
 )
-from actstore.flows.forecast_cli import add_forecast_args, cmd_forecast
-from actstore.flows.query_cli import add_query_args
+from actstore.flows.cli.forecast import add_forecast_args, cmd_forecast
+from actstore.flows.cli.query import add_query_args
 from actstore.schemas.errors import UserError
 from actstore.store.root import DEFAULT_ROOT, Store
 
@@ -265,7 +265,7 @@ def cmd_encode(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
-    from actstore.flows.query_cli import print_frame, run_query
+    from actstore.flows.cli.query import print_frame, run_query
 
     frame = run_query(a)
     if not a.json:
@@ -412,8 +412,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
-    from actstore.flows.pipeline import run_pipeline
-    from actstore.flows.pipeline_report import summary_markdown
+    from actstore.flows.orchestration.pipeline import run_pipeline
+    from actstore.flows.orchestration.report import summary_markdown
     from actstore.schemas.pipeline import load_pipeline_config
 
     summary = run_pipeline(a.config, a.dask, a.workers, a.store)
@@ -432,14 +432,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> dict[str, Any]:
-    from actstore.flows.serve import serve_pipeline
+    from actstore.flows.orchestration.serve import serve_pipeline
 
     serve_pipeline(a.config, a.database_url, a.port, a.dask, a.workers)
     return {}
 
 
 def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
-    from actstore.flows.demo import run_demo
+    from actstore.flows.cli.demo import run_demo
 
     return run_demo(a.store, tokens=a.tokens, layer=a.layer, device=a.device, train_tokens=a.train_tokens)
 

@@ -16,10 +16,10 @@ import polars as pl
 from prefect import flow
 
 from actstore.flows.attribute import attribute, attribution_dir
-from actstore.flows.dashboard import dashboard
+from actstore.flows.cli.forecast import demo_forecast
+from actstore.flows.dashboard.flow import dashboard
 from actstore.flows.encode import encode
 from actstore.flows.eval import evaluate
-from actstore.flows.forecast_cli import demo_forecast
 from actstore.flows.harvest import cached_model, harvest
 from actstore.flows.ingest import ingest
 from actstore.flows.train import train

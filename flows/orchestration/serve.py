@@ -7,20 +7,17 @@ earlier runs stored. `infra/prefect.yaml` declares the same deployment for `pref
 Prefect and work pool.
 """
 
-import os
 from pathlib import Path
 from typing import Any
 
 from prefect import serve
 from prefect.schedules import Cron, Interval
+from prefect.types.entrypoint import EntrypointType
 
-from actstore.flows.pipeline import check_pipeline, pipeline
-from actstore.flows.prefect_server import ensure_api
+from actstore.flows.orchestration.pipeline import check_pipeline, pipeline
+from actstore.flows.orchestration.prefect_server import ensure_api
 from actstore.schemas.errors import UserError
 from actstore.schemas.pipeline import PipelineConfig, load_pipeline_config
-
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-"""The folder holding the `flows` package (the repository, or site-packages for a wheel install)."""
 
 
 def schedules(config: PipelineConfig, path: Path) -> list[Any]:
@@ -53,12 +50,11 @@ def serve_pipeline(
         parameters["dask_address"] = dask_address
     if workers is not None:
         parameters["workers"] = workers
-    # Served runs load the flow by file path from the working directory, which Python also puts first on their
-    # import path: run them from the project's own folder, so no `store/` or `flows/` directory where `serve`
-    # was started can shadow the packages.
-    os.chdir(PROJECT_DIR)
+    # Served runs import the flow by its module path from the installed package, so they do not depend on the
+    # working directory (a file path would be resolved against it).
     deployment = pipeline.to_deployment(
         name=config.name,
+        entrypoint_type=EntrypointType.MODULE_PATH,
         schedules=plan,
         parameters=parameters,
         concurrency_limit=1,

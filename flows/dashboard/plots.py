@@ -10,8 +10,8 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from actstore.flows.dashboard_pages import Plot
-from actstore.flows.dashboard_results import Results, WidthFit
+from actstore.flows.dashboard.pages import Plot
+from actstore.flows.dashboard.results import Results, WidthFit
 
 PLOTS_DIR = "plots"
 _SIZE = (5.2, 3.6)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from actstore.flows.dashboard_data import FeatureData
+from actstore.flows.dashboard.data import FeatureData
 
 Decode = Callable[[Sequence[int]], str]
 STATIC_FILES = ("style.css", "index.js")
@@ -344,10 +344,10 @@ sort, type in the boxes under it to filter.</p>
 
 
 def copy_static(site: Path) -> None:
-    """Copy the stylesheet and the index script (package data of `actstore.flows`) into the site."""
+    """Copy the stylesheet and the index script (package data of `actstore.flows.dashboard`) into the site."""
     target = site / "static"
     target.mkdir(parents=True, exist_ok=True)
-    source = importlib.resources.files("actstore.flows") / "dashboard_static"
+    source = importlib.resources.files("actstore.flows.dashboard") / "static"
     for name in STATIC_FILES:
         with importlib.resources.as_file(source / name) as path:
             shutil.copyfile(path, target / name)

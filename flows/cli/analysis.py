@@ -212,7 +212,7 @@ def add_dashboard_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_dashboard(a: argparse.Namespace) -> dict[str, Any]:
-    from actstore.flows.dashboard import DashboardOptions, dashboard, dashboard_server
+    from actstore.flows.dashboard.flow import DashboardOptions, dashboard, dashboard_server
 
     options = DashboardOptions(top_k=a.top_k, context=a.context, per_bucket=a.per_bucket)
     site = dashboard(
