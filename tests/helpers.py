@@ -28,9 +28,7 @@ def write_text_corpus(directory: Path, n_docs: int = 40, seed: int = 0) -> Path:
     return directory
 
 
-def cli(
-    *args: str, check: bool = True, timeout: float = 300, cwd: Path = ROOT
-) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, check: bool = True, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """Run `actstore ARGS` in a fresh process, as a user would (from `cwd`, the repository by default)."""
     result = subprocess.run(
         [sys.executable, "-m", "actstore", *args],

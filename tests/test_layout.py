@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from actstore.transforms.sae import save
+from tests.flows.test_encode import random_topk_sae
 from tests.helpers import ROOT, cli, write_text_corpus
-from tests.test_encode import random_topk_sae
 from tests.tiny_models import build_tiny_model
 
 TOP_FOLDERS = {"schemas": "actstore.schemas", "store": "actstore.store", "transforms": "actstore.transforms"}

@@ -12,7 +12,7 @@ from actstore.transforms.transfer import (
     log_density_correlation,
     logit_weight_similarity,
 )
-from tests.test_models import assert_one_line_user_error
+from tests.transforms.test_models import assert_one_line_user_error
 
 CTX = 8
 

@@ -171,7 +171,7 @@ def test_an_evaluation_of_an_intervened_harvest_runs_the_intervened_model(world:
     from actstore.flows.eval import evaluate
     from actstore.flows.saes import publish_sae
     from actstore.schemas.eval import EvalConfig, EvalRuntime
-    from tests.test_eval_flow import identity_sae
+    from tests.flows.test_eval_flow import identity_sae
 
     store, root = Store(world["root"]), str(world["root"])
     ablate = Intervention(kind="ablate", direction_id=world["direction"], sites=(SITE,))

@@ -23,8 +23,8 @@ from actstore.transforms.directions import (
 )
 from actstore.transforms.models import embedded_default_gguf, load_tokenizer
 from actstore.transforms.sites import resolve_sites
-from tests.test_models import assert_one_line_user_error
 from tests.tiny_models import embedded_model
+from tests.transforms.test_models import assert_one_line_user_error
 
 HIGH = 0.9
 """Held-out probe accuracy that counts as "the concept is linearly readable"."""

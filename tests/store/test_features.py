@@ -28,8 +28,8 @@ from actstore.schemas.errors import UserError
 from actstore.schemas.features import INDEX_NAME, quantile_column, triples_schema
 from actstore.store.feature_queries import FeatureQueries
 from actstore.store.features import FeatureWriter, descending_key, pack_bins, plan_buckets
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 D_SAE = 40
 DEAD = (3, D_SAE - 2, D_SAE - 1)
 CTX_LEN = 16
@@ -444,7 +444,7 @@ KILL_SETTINGS = {**SMALL, "bucket_rows": 1000, "token_part_rows": 3000}
 CHILD = """
 import sys
 from pathlib import Path
-from tests.test_features import FeatureWriter, make_data, D_SAE, KILL_DATA, KILL_SETTINGS
+from tests.store.test_features import FeatureWriter, make_data, D_SAE, KILL_DATA, KILL_SETTINGS
 data = make_data(**KILL_DATA)
 with FeatureWriter(Path(sys.argv[1]), D_SAE, data.n_tokens, **KILL_SETTINGS) as writer:
     for index, chunk in enumerate(data.chunks):
