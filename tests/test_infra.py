@@ -158,7 +158,7 @@ def test_deployment_entrypoints_name_the_pipeline_flow() -> None:
     include every deployment parameter and that gets all of its required ones."""
     for deployment in _load_yaml("prefect.yaml")["deployments"]:
         path, _, name = deployment["entrypoint"].partition(":")
-        assert (path, name) == ("flows/orchestration/pipeline.py", "pipeline")
+        assert (path, name) == ("actstore/flows/orchestration/pipeline.py", "pipeline")
         assert (ROOT / path).is_file(), f"{path} does not exist"
         functions = [
             node

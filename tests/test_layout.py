@@ -4,7 +4,7 @@ shadows ours, and the pyproject names every package folder (a room it forgot wou
 import json
 import subprocess
 import sys
-import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,19 +14,36 @@ from tests.flows.test_encode import random_topk_sae
 from tests.helpers import ROOT, cli, write_text_corpus
 from tests.tiny_models import build_tiny_model
 
-TOP_FOLDERS = {"schemas": "actstore.schemas", "store": "actstore.store", "transforms": "actstore.transforms"}
-TOP_FOLDERS["flows"] = "actstore.flows"
+ROOMS = ("schemas", "store", "transforms", "flows")
 SHADOW = "raise RuntimeError(\"the user's own {name} was imported instead of actstore's\")\n"
 
 
-def test_pyproject_names_every_package_folder() -> None:
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    expected = {"actstore"}
-    for folder, package in TOP_FOLDERS.items():
-        assert config["package-dir"][package] == folder
-        for init in (ROOT / folder).rglob("__init__.py"):
-            expected.add(".".join([package, *init.parent.relative_to(ROOT / folder).parts]))
-    assert set(config["packages"]) == expected
+def test_the_wheel_holds_one_package_with_every_room(tmp_path: Path) -> None:
+    """Built as a user installs it: every module of actstore/ is in the wheel under `actstore/`, nothing else is
+    top-level, and the dashboard's static files come along."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("actstore-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.startswith("actstore-")} == {"actstore"}
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "actstore").rglob("*.py")}
+    assert sources <= set(names)
+    assert {"actstore/flows/dashboard/static/index.js", "actstore/py.typed"} <= set(names)
+    assert {n.split("/")[1] for n in names if n.startswith("actstore/") and n.count("/") > 1} >= set(ROOMS)
 
 
 def test_nothing_of_ours_is_a_top_level_module(tmp_path: Path) -> None:
