@@ -17,7 +17,8 @@ from actstore.schemas.arrays import ActivationAttrs, LogicalDtype
 from actstore.schemas.manifest import Manifest
 from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
 from actstore.store.activations import ArraySpec, HarvestArrays
-from actstore.store.objects import code_version, utc_now, write_manifest
+from actstore.store.files import write_manifest
+from actstore.store.objects import code_version, utc_now
 from actstore.store.root import Store
 from actstore.store.tokens import write_token_table
 

@@ -19,10 +19,9 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from actstore.flows.harvest import cached_model, harvest_model, harvest_model_label
+from actstore.flows.runtime import cached_model
 from actstore.flows.saes import open_sae, sae_on_site, stored_sae_id
 from actstore.schemas.attribution import (
-    ATTRIBUTION_DIR,
     LOGIT_WEIGHTS_NAME,
     LOGIT_WEIGHTS_SCHEMA,
     PER_FEATURE_NAME,
@@ -38,14 +37,8 @@ from actstore.schemas.manifest import Manifest
 from actstore.store.activations import LOSS_SITE, ActivationArray, chunk_rows
 from actstore.store.evals import TableAppender, write_table
 from actstore.store.features import FeatureWriter, read_index
-from actstore.store.objects import (
-    code_version,
-    published_manifest,
-    read_manifest,
-    staged_object,
-    utc_now,
-    write_manifest,
-)
+from actstore.store.files import read_manifest
+from actstore.store.harvests import choose_site, harvest_model, harvest_model_label
 from actstore.store.root import Store
 from actstore.transforms.attribution import attribute_batch, unit_directions
 from actstore.transforms.logit_weights import top_tokens, unembedding
@@ -58,27 +51,7 @@ TERMS = ("feature", "bias", "error", "total")
 
 def attribution_dir(store: Store, sae_id: str, harvest_id: str) -> Path:
     """Where the attribution of an SAE on a harvest lives: inside that pair's feature store directory."""
-    return store.features_dir(sae_id, harvest_id) / ATTRIBUTION_DIR
-
-
-def gradient_site(harvest: Manifest, site: str | None, sae: SAE) -> str:
-    """The site to attribute: as given, else the SAE's recorded hook, else the harvest's only gradient site."""
-    arrays = harvest.extra["arrays"]
-    sites = [s for s in arrays if gradient_array(s) in arrays]
-    if site is not None:
-        if site not in sites:
-            raise UserError(
-                f"harvest {harvest.id} has gradients at {', '.join(sites)}, not at {site!r}: pass "
-                "--site with one of them, or re-harvest that site with --gradients"
-            )
-        return site
-    if sae.hook_name in sites:
-        return str(sae.hook_name)
-    if len(sites) == 1:
-        return sites[0]
-    raise UserError(
-        f"harvest {harvest.id} has gradients at {', '.join(sites)} and the SAE records none of them: pass --site"
-    )
+    return store.object_dir("attribution", f"{sae_id}/{harvest_id}")
 
 
 @task(name="prepare-attribute")
@@ -95,7 +68,7 @@ def prepare_attribute(
             "--gradients logit_diff --logit-diff A B) to attribute features"
         )
     model, known_id = open_sae(store_root, sae)
-    chosen = gradient_site(harvest, site, model)
+    chosen = choose_site(harvest, site, model.hook_name, gradients=True)
     acts = store.activations(harvest_id, chosen)
     check_compatible(model, acts.attrs.d, chosen, harvest_model_label(harvest), allow_mismatch)
     tokens = harvest.config.get("logit_diff_tokens")
@@ -269,40 +242,28 @@ def attribute_features(store_root: str, config: AttributeConfig, runtime: Attrib
     )
     grads = store.activations(config.harvest_id, gradient_array(config.site))
     loss = store.activations(config.harvest_id, LOSS_SITE)
-    directory = attribution_dir(store, config.sae_id, config.harvest_id)
     start = time.perf_counter()
-    with staged_object(directory) as tmp:
-        sums = attribution_pass(acts, grads, loss, sae, tmp, config, runtime)
+    with store.object("attribution", f"{config.sae_id}/{config.harvest_id}").publish(config) as pub:
+        sums = attribution_pass(acts, grads, loss, sae, pub.directory, config, runtime)
         pass_seconds = time.perf_counter() - start
-        write_per_feature(tmp, config.top_k)
-        has_logit_weights = write_logit_weights(tmp, harvest, sae, config.logit_k, device)
-        index = read_index(tmp)
+        write_per_feature(pub.directory, config.top_k)
+        has_logit_weights = write_logit_weights(pub.directory, harvest, sae, config.logit_k, device)
+        index = read_index(pub.directory)
         assert index is not None
-        timings = {
+        pub.timings = {
             "attribution_seconds": round(pass_seconds, 3),
             "total_seconds": round(time.perf_counter() - start, 3),
             "tokens_per_s": round(len(acts) / pass_seconds, 1) if pass_seconds else 0.0,
         }
-        write_manifest(
-            tmp,
-            Manifest(
-                kind="attribution",
-                id=f"{config.sae_id}/{config.harvest_id}",
-                config=config.model_dump(mode="json"),
-                code_version=code_version(),
-                created=utc_now(),
-                counts={"n_tokens": len(acts), "nnz": index.nnz, "alive": index.alive, "d_sae": sae.d_sae},
-                timings=timings,
-                extra={
-                    "site": config.site,
-                    "metric": config.metric,
-                    **sums,
-                    "logit_weights": has_logit_weights,
-                    "device": str(device),
-                },
-            ),
-        )
-    return published_manifest(directory, f"attribution of {config.sae_id} on {config.harvest_id}")
+        pub.counts = {"n_tokens": len(acts), "nnz": index.nnz, "alive": index.alive, "d_sae": sae.d_sae}
+        pub.extra = {
+            "site": config.site,
+            "metric": config.metric,
+            **sums,
+            "logit_weights": has_logit_weights,
+            "device": str(device),
+        }
+    return pub.manifest
 
 
 @flow(name="attribute")
@@ -326,7 +287,7 @@ def attribute(
             f"{config.site}: attribute that site (--site {encoded.extra.get('site')})"
         )
     directory = attribution_dir(store, config.sae_id, harvest_id)
-    existing = read_manifest(directory)
+    existing = store.published("attribution", f"{config.sae_id}/{harvest_id}")
     if existing is not None:
         if existing.config != config.model_dump(mode="json"):
             raise UserError(

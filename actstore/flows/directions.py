@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import torch
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 
 from actstore.schemas.directions import DIRECTION_FILE, DirectionConfig, Intervention
@@ -18,13 +19,6 @@ from actstore.schemas.errors import UserError
 from actstore.schemas.manifest import Manifest
 from actstore.store.activations import chunk_rows
 from actstore.store.exports import token_predicate
-from actstore.store.objects import (
-    code_version,
-    read_manifest,
-    staged_object,
-    utc_now,
-    write_manifest,
-)
 from actstore.store.root import Store
 from actstore.transforms.directions import DiffInMeans, activation_addition, directional_ablation
 from actstore.transforms.splice import Replacement
@@ -76,32 +70,25 @@ def average(store_root: str, config: DirectionConfig) -> dict[str, Any]:
     }
 
 
+@task(name="publish-direction", cache_policy=NO_CACHE)
+def publish_direction(store_root: str, config: DirectionConfig, found: dict[str, Any]) -> Manifest:
+    """Store the direction's vectors (safetensors) and publish them."""
+    with Store(store_root).object("direction", config.direction_id()).publish(config) as pub:
+        vectors = {k: v.to(torch.float32).contiguous() for k, v in found.items() if k != "counts"}
+        save_file(vectors, str(pub.directory / DIRECTION_FILE))
+        pub.counts = found["counts"]
+        pub.extra = {"norm": float(found["direction"].norm()), "d": int(found["direction"].numel())}
+    return pub.manifest
+
+
 @flow(name="direction")
 def direction(store_root: str, config: DirectionConfig) -> Manifest:
     """Two token sets of a harvest site -> their difference-in-means direction; a finished one is returned."""
-    store = Store(store_root)
-    directory = store.direction_dir(config.direction_id())
-    existing = read_manifest(directory)
+    existing = Store(store_root).published("direction", config.direction_id())
     if existing is not None:
         return existing
     found = average(store_root, config)
-    with staged_object(directory) as tmp:
-        save_file(
-            {k: v.to(torch.float32).contiguous() for k, v in found.items() if k != "counts"}, str(tmp / DIRECTION_FILE)
-        )
-        write_manifest(
-            tmp,
-            Manifest(
-                kind="direction",
-                id=config.direction_id(),
-                config=config.model_dump(mode="json"),
-                code_version=code_version(),
-                created=utc_now(),
-                counts=found["counts"],
-                extra={"norm": float(found["direction"].norm()), "d": int(found["direction"].numel())},
-            ),
-        )
-    return store.manifest("direction", config.direction_id())
+    return publish_direction(store_root, config, found)
 
 
 def load_direction(store: Store, direction_id: str) -> dict[str, torch.Tensor]:

@@ -16,15 +16,16 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from actstore.flows.harvest import activation_sites, harvest_model_label
+from actstore.flows.harvest import numeric
 from actstore.flows.saes import open_sae, sae_on_site, stored_sae_id
 from actstore.flows.writer_thread import BackgroundWriter
 from actstore.schemas.encode import EncodeConfig, EncodeRuntime
-from actstore.schemas.errors import UserError
+from actstore.schemas.errors import MismatchError, UserError
 from actstore.schemas.manifest import Manifest
 from actstore.store.activations import chunk_rows
 from actstore.store.features import FeatureWriter, read_index
-from actstore.store.objects import code_version, explain_os_error, read_manifest, utc_now, write_manifest
+from actstore.store.files import explain_os_error
+from actstore.store.harvests import choose_site, harvest_model_label
 from actstore.store.root import Store
 from actstore.transforms.models import pick_device
 from actstore.transforms.sae import SAE, check_compatible
@@ -41,20 +42,6 @@ def sparse_chunk(sae: SAE, x: torch.Tensor, first_tok: int, batch_tokens: int) -
             toks.append((rows + (first_tok + start)).cpu().numpy())
             values.append(latents[rows, cols].float().cpu().numpy())
     return np.concatenate(features), np.concatenate(toks), np.concatenate(values)
-
-
-def resolve_site(store: Store, harvest_id: str, site: str | None, sae: SAE) -> str:
-    """The site to encode: as given, else the SAE's recorded hook, else the harvest's only site."""
-    sites = activation_sites(store.manifest("harvest", harvest_id))
-    if site is None:
-        if sae.hook_name in sites:
-            return str(sae.hook_name)
-        if len(sites) == 1:
-            return sites[0]
-        raise UserError(
-            f"harvest {harvest_id} has sites {', '.join(sites)} and the SAE records none of them: pass --site"
-        )
-    return site
 
 
 @task(name="encode-chunks")
@@ -149,35 +136,23 @@ def finish_features(store_root: str, config: EncodeConfig, stats: dict[str, Any]
     store = Store(store_root)
     acts = store.activations(config.harvest_id, config.site)
     sae_manifest = store.manifest("sae", config.sae_id)
-    directory = store.features_dir(config.sae_id, config.harvest_id)
     start = time.perf_counter()
-    try:
-        with feature_writer(directory, sae_manifest.counts["d_sae"], len(acts), config) as features:
+    with store.object("features", f"{config.sae_id}/{config.harvest_id}").publish(config, staged=False) as pub:
+        with feature_writer(pub.directory, sae_manifest.counts["d_sae"], len(acts), config) as features:
             if not features.finished:
                 features.finish(-(-len(acts) // acts.chunk_tokens))
-    except OSError as exc:
-        raise explain_os_error(exc, directory) from exc
-    index = read_index(directory)
-    assert index is not None
-    timings = {k: v for k, v in stats.items() if isinstance(v, int | float)}
-    manifest = Manifest(
-        kind="features",
-        id=f"{config.sae_id}/{config.harvest_id}",
-        config=config.model_dump(mode="json"),
-        code_version=code_version(),
-        created=utc_now(),
-        counts={
+        index = read_index(pub.directory)
+        assert index is not None
+        pub.counts = {
             "n_tokens": index.config.n_tokens,
             "nnz": index.nnz,
             "alive": index.alive,
             "d_sae": index.config.d_sae,
             "n_chunks": index.n_chunks,
-        },
-        timings=timings | {"finish_seconds": round(time.perf_counter() - start, 3)},
-        extra={"site": config.site, "value_dtype": config.value_dtype},
-    )
-    write_manifest(directory, manifest)
-    return manifest
+        }
+        pub.timings = numeric(stats) | {"finish_seconds": round(time.perf_counter() - start, 3)}
+        pub.extra = {"site": config.site, "value_dtype": config.value_dtype}
+    return pub.manifest
 
 
 @task(name="prepare-encode")
@@ -188,7 +163,7 @@ def prepare_encode(
     store = Store(store_root)
     harvest = store.manifest("harvest", harvest_id)
     model, known_id = open_sae(store_root, sae)
-    chosen = resolve_site(store, harvest_id, site, model)
+    chosen = choose_site(harvest, site, model.hook_name)
     acts = store.activations(harvest_id, chosen)
     check_compatible(model, acts.attrs.d, chosen, harvest_model_label(harvest), allow_mismatch)
     sae_id = stored_sae_id(store_root, sae, model, known_id)
@@ -207,10 +182,10 @@ def encode(
     """SAE (id or checkpoint path) x harvest -> sparse feature tables; re-running resumes, never duplicates."""
     runtime = runtime or EncodeRuntime()
     config = prepare_encode(store_root, sae, harvest_id, site, value_dtype, runtime.allow_mismatch)
-    existing = read_manifest(Store(store_root).features_dir(config.sae_id, harvest_id))
+    existing = Store(store_root).published("features", f"{config.sae_id}/{harvest_id}")
     if existing is not None:
         if existing.config != config.model_dump(mode="json"):
-            raise UserError(
+            raise MismatchError(
                 f"features of {config.sae_id} on {harvest_id} exist for site {existing.extra['site']}: "
                 "delete that directory to encode another site"
             )

@@ -19,7 +19,7 @@ from prefect import flow, task
 from tqdm.auto import tqdm
 
 from actstore.flows.directions import intervention_replacements
-from actstore.flows.harvest import cached_model, harvest_model
+from actstore.flows.runtime import cached_model
 from actstore.flows.saes import sae_on_site
 from actstore.schemas.directions import Intervention
 from actstore.schemas.errors import UserError
@@ -33,14 +33,8 @@ from actstore.schemas.eval_tables import (
 from actstore.schemas.manifest import Manifest
 from actstore.store.activations import ActivationArray, chunk_rows
 from actstore.store.evals import TableAppender, write_table
-from actstore.store.objects import (
-    code_version,
-    published_manifest,
-    read_manifest,
-    staged_object,
-    utc_now,
-    write_manifest,
-)
+from actstore.store.harvests import harvest_model
+from actstore.store.objects import Publication
 from actstore.store.root import Store
 from actstore.store.tokens import read_windows
 from actstore.transforms.models import pick_device
@@ -326,16 +320,16 @@ def evaluate_sae(store_root: str, config: EvalConfig, runtime: EvalRuntime) -> M
     if config.outlier_factor is not None:
         picker.norm_threshold = _outlier_threshold(acts, picker, config.outlier_factor)
     start = time.perf_counter()
-    directory = store.eval_dir(config.eval_id())
-    with staged_object(directory) as tmp:
+    with store.object("eval", config.eval_id()).publish(config) as pub:
+        tmp = pub.directory
         stats, mean, excluded = reconstruction_pass(acts, sae, picker, runtime, tmp / RECON_PART)
         recon_seconds = time.perf_counter() - start
         ce = None
         if downstream_possible:
             downstream_pass(store, harvest, acts, sae, config, runtime, picker, mean, tmp / CE_PART)
             ce = pl.read_parquet(tmp / CE_PART)
-        _publish(
-            tmp,
+        _write_tables(
+            pub,
             config,
             stats,
             sae.d_sae,
@@ -344,11 +338,11 @@ def evaluate_sae(store_root: str, config: EvalConfig, runtime: EvalRuntime) -> M
             picker.norm_threshold,
             {"reconstruction_seconds": round(recon_seconds, 3), "total_seconds": round(time.perf_counter() - start, 3)},
         )
-    return published_manifest(directory, f"evaluation {config.eval_id()}")
+    return pub.manifest
 
 
-def _publish(
-    tmp: Path,
+def _write_tables(
+    pub: Publication,
     config: EvalConfig,
     stats: ReconstructionStats,
     d_sae: int,
@@ -357,7 +351,9 @@ def _publish(
     threshold: float | None,
     timings: dict[str, float],
 ) -> None:
-    """Per-token table (reconstruction joined to downstream), per-feature, histogram, summary, then manifest."""
+    """Per-token table (reconstruction joined to downstream), per-feature, histogram, summary, and what the
+    manifest says of them."""
+    tmp = pub.directory
     per_token = pl.scan_parquet(tmp / RECON_PART)
     if ce is not None:
         per_token = per_token.drop(*CE_COLUMNS).join(ce.lazy(), on="tok", how="left", maintain_order="left")
@@ -387,23 +383,15 @@ def _publish(
     )
     row = summarize(config, stats, d_sae, excluded, ce)
     write_table(tmp / "summary.parquet", [row], EVAL_SUMMARY_SCHEMA)
-    manifest = Manifest(
-        kind="eval",
-        id=config.eval_id(),
-        config=config.model_dump(mode="json"),
-        code_version=code_version(),
-        created=utc_now(),
-        counts={"tokens": tokens, "excluded_tokens": excluded, "ce_tokens": 0 if ce is None else len(ce)},
-        timings=timings,
-        extra={"summary": {k: v for k, v in row.items() if v is not None}, "outlier_norm_threshold": threshold},
-    )
-    write_manifest(tmp, manifest)
+    pub.counts = {"tokens": tokens, "excluded_tokens": excluded, "ce_tokens": 0 if ce is None else len(ce)}
+    pub.timings = timings
+    pub.extra = {"summary": {k: v for k, v in row.items() if v is not None}, "outlier_norm_threshold": threshold}
 
 
 @flow(name="eval")
 def evaluate(store_root: str, config: EvalConfig, runtime: EvalRuntime | None = None) -> Manifest:
     """SAE x harvest site -> evaluation tables; a finished evaluation is returned, not recomputed."""
-    existing = read_manifest(Store(store_root).eval_dir(config.eval_id()))
+    existing = Store(store_root).published("eval", config.eval_id())
     if existing is not None:
         return existing
     return evaluate_sae(store_root, config, runtime or EvalRuntime())

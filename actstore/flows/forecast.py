@@ -16,21 +16,13 @@ import polars as pl
 from prefect import flow, task
 
 from actstore.flows.forecast_runs import harvest_tables, model_keys, sae_rows
-from actstore.flows.harvest import harvest_model
 from actstore.schemas.errors import UserError
 from actstore.schemas.forecast import LAWS, LM_LAWS, ForecastConfig, law_variables
 from actstore.schemas.forecast_tables import POSITIONS_SCHEMA, RUNS_SCHEMA, SAES_SCHEMA, TABLES
 from actstore.schemas.manifest import Manifest
 from actstore.store.activations import LOSS_SITE
 from actstore.store.evals import write_table
-from actstore.store.objects import (
-    code_version,
-    published_manifest,
-    read_manifest,
-    staged_object,
-    utc_now,
-    write_manifest,
-)
+from actstore.store.harvests import harvest_model
 from actstore.store.root import Store
 from actstore.transforms.scaling import FitBootstrap, bootstrap_fit, reducible_loss
 from actstore.transforms.scaling import forecast as predict
@@ -321,35 +313,25 @@ def publish_forecast(
     timings: dict[str, float],
 ) -> Manifest:
     """Write every table into a staged directory, the manifest last, and rename it into place."""
-    forecast_id = config.forecast_id()
-    directory = Store(store_root).forecast_dir(forecast_id)
     fitted = [law for law in laws if law["status"] == "fitted"]
-    manifest = Manifest(
-        kind="forecast",
-        id=forecast_id,
-        config=config.model_dump(mode="json"),
-        code_version=code_version(),
-        created=utc_now(),
-        counts={
+    with Store(store_root).object("forecast", config.forecast_id()).publish(config) as pub:
+        for name, schema in TABLES.items():
+            write_table(pub.directory / f"{name}.parquet", tables[name], schema)
+        pub.counts = {
             **{name: len(rows) for name, rows in tables.items()},
             "laws_fitted": len(fitted),
             "laws_skipped": len(laws) - len(fitted),
-        },
-        timings=timings,
-        extra={"laws": laws, "notes": notes},
-    )
-    with staged_object(directory) as tmp:
-        for name, schema in TABLES.items():
-            write_table(tmp / f"{name}.parquet", tables[name], schema)
-        write_manifest(tmp, manifest)
-    return published_manifest(directory, f"forecast {forecast_id}")
+        }
+        pub.timings = timings
+        pub.extra = {"laws": laws, "notes": notes}
+    return pub.manifest
 
 
 @flow(name="forecast")
 def forecast(store_root: str, config: ForecastConfig) -> Manifest:
     """Store runs and SAE evaluations -> run tables, fitted laws, forecasts; a finished forecast is returned."""
     resolved = resolve_inputs(store_root, config)
-    existing = read_manifest(Store(store_root).forecast_dir(resolved.forecast_id()))
+    existing = Store(store_root).published("forecast", resolved.forecast_id())
     if existing is not None:
         return existing
     start = time.perf_counter()

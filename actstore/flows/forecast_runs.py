@@ -20,13 +20,13 @@ import polars as pl
 import torch
 from transformers import AutoModelForCausalLM
 
-from actstore.flows.harvest import harvest_model
 from actstore.schemas.errors import UserError
 from actstore.schemas.forecast import ForecastConfig
 from actstore.schemas.ids import slug
 from actstore.schemas.model import ModelConfig
 from actstore.store.activations import LOSS_SITE
-from actstore.store.objects import read_manifest
+from actstore.store.files import read_manifest
+from actstore.store.harvests import harvest_model
 from actstore.store.root import Store
 from actstore.transforms.bootstrap import mean_with_interval
 from actstore.transforms.models import load_model_config

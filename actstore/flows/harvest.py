@@ -6,9 +6,7 @@ model over every chunk not yet marked done while a writer thread stores the prev
 """
 
 import contextlib
-import functools
 import os
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,33 +18,24 @@ from prefect import flow, task
 from tqdm.auto import tqdm
 
 from actstore.flows.directions import intervention_replacements
+from actstore.flows.runtime import MODEL_LOCK, cached_model, model_loads
 from actstore.flows.writer_thread import BackgroundWriter
 from actstore.schemas.arrays import ActivationAttrs
 from actstore.schemas.errors import UserError
 from actstore.schemas.harvest import (
     DEFAULT_CHUNK_TOKENS,
-    GRADIENT_SUFFIX,
     HarvestConfig,
     HarvestRuntime,
     gradient_array,
 )
 from actstore.schemas.manifest import Manifest
-from actstore.schemas.model import ModelConfig
 from actstore.store.activations import LOSS_SITE, SHARD_LOCKS, ArraySpec, HarvestArrays, disk_bytes, done_chunks
-from actstore.store.objects import (
-    code_version,
-    explain_os_error,
-    object_lock,
-    read_manifest,
-    remove_temp_files,
-    utc_now,
-    write_manifest,
-)
+from actstore.store.files import explain_os_error, object_lock, remove_temp_files
 from actstore.store.root import Store
 from actstore.store.tokens import read_windows
 from actstore.transforms.capture import Capture, CaptureResult, first_nonfinite
 from actstore.transforms.gradients import GradientCapture, GradientResult, check_logit_diff_tokens
-from actstore.transforms.models import load_model, max_context, model_dtype_name, pick_device
+from actstore.transforms.models import max_context, model_dtype_name, pick_device
 from actstore.transforms.sites import SiteSpec, resolve_sites
 from actstore.transforms.splice import Splice
 
@@ -90,37 +79,6 @@ def plan_harvest(store_root: str, config: HarvestConfig) -> HarvestPlan:
         )
     batch_windows = config.batch_windows or max(1, DEFAULT_CHUNK_TOKENS // ctx_len)
     return HarvestPlan(config.harvest_id(), config.corpus_id, ctx_len, n_seqs, min(batch_windows, n_seqs))
-
-
-def harvest_model(harvest: Manifest) -> ModelConfig:
-    """The model a harvest ran (its control included); synthetic harvests name their generator."""
-    return ModelConfig.model_validate(harvest.config["model"])
-
-
-def activation_sites(harvest: Manifest) -> list[str]:
-    """The sites a harvest stored activations of: its arrays less the loss and the gradient arrays."""
-    return [s for s in harvest.extra["arrays"] if s != LOSS_SITE and not s.endswith(GRADIENT_SUFFIX)]
-
-
-def harvest_model_label(harvest: Manifest) -> str:
-    """What SAEs trained on this harvest record as their model, so a control's SAE is never taken for the
-    trained model's: `smollm2-135m`, `smollm2-135m+reinit-s0`, `synthetic:gaussian_mixture`."""
-    return harvest_model(harvest).label()
-
-
-_loads: list[str] = []
-
-
-@functools.lru_cache(maxsize=2)
-def cached_model(config: ModelConfig, device: str) -> torch.nn.Module:
-    """One model per process and device: flows and workers load it once, never pass it as an argument."""
-    _loads.append(config.label())
-    return load_model(config, torch.device(device))
-
-
-def model_loads() -> int:
-    """Models this process has loaded: a Dask worker running many shards should report 1."""
-    return len(_loads)
 
 
 def check_model_fits(model: torch.nn.Module, plan: HarvestPlan, vocab_needed: int, config: HarvestConfig) -> None:
@@ -178,11 +136,6 @@ class HarvestSetup(NamedTuple):
     replacements: dict[str, Any]
     device: torch.device
     load_seconds: float
-
-
-MODEL_LOCK = threading.Lock()
-"""One forward at a time per process: hooks live on the shared cached model, so two tasks in threads of one
-worker would capture each other's activations."""
 
 
 def setup_harvest(store: Store, config: HarvestConfig, runtime: HarvestRuntime, plan: HarvestPlan) -> HarvestSetup:
@@ -361,39 +314,45 @@ def _run_chunks(
     }
 
 
-@task(name="publish-harvest")
-def publish_harvest(store_root: str, config: HarvestConfig, plan: HarvestPlan, stats: dict[str, Any]) -> Manifest:
-    """Write the manifest once every chunk is durable: from then on the harvest is readable."""
-    directory = Store(store_root).harvest_dir(plan.harvest_id)
+def harvest_counts(plan: HarvestPlan, directory: Path) -> dict[str, int]:
+    """The counts of a finished harvest's manifest (the synthetic sets' too)."""
     missing = sorted(set(range(plan.n_chunks)) - done_chunks(directory))
     if missing:
         raise UserError(f"harvest {plan.harvest_id} still misses chunks {missing[:5]}: re-run to resume")
-    arrays = stats["arrays"]
-    manifest = Manifest(
-        kind="harvest",
-        id=plan.harvest_id,
-        config=config.model_dump(mode="json"),
-        code_version=code_version(),
-        created=utc_now(),
-        counts={
-            "n_tokens": plan.n_tokens,
-            "n_seqs": plan.n_seqs,
-            "n_chunks": plan.n_chunks,
-            "chunk_tokens": plan.chunk_tokens,
-            "bytes": disk_bytes(directory),
-        },
-        timings={k: v for k, v in stats.items() if isinstance(v, float | int)},
-        extra={"arrays": arrays, "corpus_id": plan.corpus_id, "ctx_len": plan.ctx_len, "device": stats["device"]},
-    )
-    write_manifest(directory, manifest)
-    return manifest
+    return {
+        "n_tokens": plan.n_tokens,
+        "n_seqs": plan.n_seqs,
+        "n_chunks": plan.n_chunks,
+        "chunk_tokens": plan.chunk_tokens,
+        "bytes": disk_bytes(directory),
+    }
+
+
+def numeric(stats: dict[str, Any]) -> dict[str, float]:
+    """The figures of a run's stats that go into a manifest's timings."""
+    return {k: v for k, v in stats.items() if isinstance(v, float | int)}
+
+
+@task(name="publish-harvest")
+def publish_harvest(store_root: str, config: HarvestConfig, plan: HarvestPlan, stats: dict[str, Any]) -> Manifest:
+    """Write the manifest once every chunk is durable: from then on the harvest is readable."""
+    with Store(store_root).object("harvest", plan.harvest_id).publish(config, staged=False) as pub:
+        pub.counts = harvest_counts(plan, pub.directory)
+        pub.timings = numeric(stats)
+        pub.extra = {
+            "arrays": stats["arrays"],
+            "corpus_id": plan.corpus_id,
+            "ctx_len": plan.ctx_len,
+            "device": stats["device"],
+        }
+    return pub.manifest
 
 
 @flow(name="harvest")
 def harvest(store_root: str, config: HarvestConfig, runtime: HarvestRuntime | None = None) -> Manifest:
     """Corpus + model + sites -> activation arrays; re-running resumes and never duplicates a chunk."""
     runtime = runtime or HarvestRuntime()
-    existing = read_manifest(Store(store_root).harvest_dir(config.harvest_id()))
+    existing = Store(store_root).published("harvest", config.harvest_id())
     if existing is not None:
         return existing
     plan = plan_harvest(store_root, config)

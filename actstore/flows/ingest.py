@@ -2,6 +2,7 @@
 
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import polars as pl
@@ -10,13 +11,6 @@ from prefect import flow, task
 from actstore.schemas.corpus import CorpusConfig
 from actstore.schemas.ids import make_id
 from actstore.schemas.manifest import Manifest
-from actstore.store.objects import (
-    code_version,
-    read_manifest,
-    staged_object,
-    utc_now,
-    write_manifest,
-)
 from actstore.store.root import Store
 from actstore.store.sources import iter_documents
 from actstore.store.tokens import scan_tokens, write_token_table
@@ -47,33 +41,33 @@ def flat_counts(counts: dict[str, Any]) -> dict[str, int]:
     return flat
 
 
-@task(name="ingest-corpus")
-def ingest_corpus(store_root: str, config: CorpusConfig) -> Manifest:
-    """Tokenize and pack the corpus into a token table, published atomically with its manifest."""
-    store = Store(store_root)
-    cid = corpus_id(config)
-    final = store.corpus_dir(cid)
-    existing = read_manifest(final)
+def publish_corpus(
+    store_root: str, corpus_id: str, identity: dict[str, Any], batches: Iterator[Any], extra: dict[str, Any]
+) -> Manifest:
+    """Write a token table from record batches and publish it as the corpus `corpus_id`, unless it exists."""
+    corpus = Store(store_root).object("corpus", corpus_id)
+    existing = corpus.published()
     if existing is not None:
         return existing
     start = time.perf_counter()
+    with corpus.publish(identity) as pub:
+        pub.counts = flat_counts(write_token_table(pub.directory, batches))
+        pub.counts["max_token_id"] = int(scan_tokens(pub.directory).select(pl.col("token_id").max()).collect().item())
+        pub.timings["seconds"] = round(time.perf_counter() - start, 3)
+        pub.extra = extra
+    return pub.manifest
+
+
+@task(name="ingest-corpus")
+def ingest_corpus(store_root: str, config: CorpusConfig) -> Manifest:
+    """Tokenize and pack the corpus into a token table, published atomically with its manifest."""
+    existing = Store(store_root).published("corpus", corpus_id(config))
+    if existing is not None:
+        return existing
     tokenizer = load_tokenizer(config.tokenizer)
-    with staged_object(final) as staging:
-        batches = pack_documents(iter_documents(config), tokenizer, config)
-        counts = flat_counts(write_token_table(staging, batches))
-        counts["max_token_id"] = int(scan_tokens(staging).select(pl.col("token_id").max()).collect().item())
-        manifest = Manifest(
-            kind="corpus",
-            id=cid,
-            config=corpus_identity(config),
-            code_version=code_version(),
-            created=utc_now(),
-            counts=counts,
-            timings={"seconds": round(time.perf_counter() - start, 3)},
-            extra={"ctx_len": config.ctx_len, "bos_token_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer)},
-        )
-        write_manifest(staging, manifest)
-    return manifest
+    extra = {"ctx_len": config.ctx_len, "bos_token_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer)}
+    batches = pack_documents(iter_documents(config), tokenizer, config)
+    return publish_corpus(store_root, corpus_id(config), corpus_identity(config), batches, extra)
 
 
 @flow(name="ingest", log_prints=True)

@@ -3,26 +3,17 @@
 
 import hashlib
 import os
-import shutil
-import uuid
+import tempfile
 from pathlib import Path
 
 import torch
 
-from actstore.flows.harvest import harvest_model_label
 from actstore.schemas.ids import make_id, slug
 from actstore.schemas.manifest import Manifest
 from actstore.schemas.sae import SAELENS_CFG, SAELENS_WEIGHTS
 from actstore.store.activations import ActivationArray
-from actstore.store.objects import (
-    TMP_MARK,
-    code_version,
-    explain_os_error,
-    fsync_path,
-    read_manifest,
-    utc_now,
-    write_manifest,
-)
+from actstore.store.files import TMP_MARK, explain_os_error
+from actstore.store.harvests import harvest_model_label
 from actstore.store.root import Store
 from actstore.transforms.sae import SAE, check_compatible, load, save
 
@@ -41,36 +32,27 @@ def weights_digest(directory: Path) -> str:
 
 
 def publish_sae(store_root: str, sae: SAE, source: str, extra: dict | None = None) -> Manifest:
-    """Save `sae` into the store under its content id (a no-op when those bytes are already there)."""
+    """Save `sae` into the store under its content id (a no-op when those bytes are already there).
+
+    The id hashes the saved bytes, so the checkpoint is first written to a scratch directory of the store."""
     store = Store(store_root)
     base = store.root / "saes"
-    tmp = base / f"{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
-        tmp.mkdir(parents=True)
-        save(sae, tmp)
-        sae_id = make_id("sae", sae_readable(sae), {"weights": weights_digest(tmp)})
-        final = store.sae_dir(sae_id)
-        existing = read_manifest(final)
-        if existing is not None:
-            return existing
-        manifest = Manifest(
-            kind="sae",
-            id=sae_id,
-            config=sae.config.model_dump(mode="json"),
-            code_version=code_version(),
-            created=utc_now(),
-            counts={"d_in": sae.d_in, "d_sae": sae.d_sae},
-            extra={"source": source, **(extra or {})},
-        )
-        write_manifest(tmp, manifest)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_path(base)
-        return manifest
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=TMP_MARK, dir=base) as scratch:
+            save(sae, Path(scratch))
+            stored = store.object("sae", make_id("sae", sae_readable(sae), {"weights": weights_digest(Path(scratch))}))
+            existing = stored.published()
+            if existing is not None:
+                return existing
+            with stored.publish(sae.config) as pub:
+                for file in Path(scratch).iterdir():
+                    os.replace(file, pub.directory / file.name)
+                pub.counts = {"d_in": sae.d_in, "d_sae": sae.d_sae}
+                pub.extra = {"source": source, **(extra or {})}
+            return pub.manifest
     except OSError as exc:
         raise explain_os_error(exc, base) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_sae(store_root: str, sae: str) -> tuple[SAE, str | None]:

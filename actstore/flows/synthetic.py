@@ -17,28 +17,21 @@ import pyarrow as pa
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from actstore.flows.harvest import HarvestPlan
-from actstore.flows.ingest import flat_counts
+from actstore.flows.harvest import HarvestPlan, harvest_counts, numeric
+from actstore.flows.ingest import publish_corpus
 from actstore.flows.writer_thread import BackgroundWriter
 from actstore.schemas.arrays import ActivationAttrs
-from actstore.schemas.errors import UserError
 from actstore.schemas.manifest import Manifest
 from actstore.schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
 from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
-from actstore.store.activations import ArraySpec, HarvestArrays, disk_bytes, done_chunks
-from actstore.store.objects import (
+from actstore.store.activations import ArraySpec, HarvestArrays, disk_bytes
+from actstore.store.files import (
     atomic_write_bytes,
-    code_version,
     explain_os_error,
     object_lock,
-    read_manifest,
     remove_temp_files,
-    staged_object,
-    utc_now,
-    write_manifest,
 )
 from actstore.store.root import Store
-from actstore.store.tokens import write_token_table
 from actstore.transforms.packing import document_split
 from actstore.transforms.synthetic import mixture_parameters, sample_chunk
 
@@ -80,28 +73,8 @@ def window_batches(config: SyntheticConfig) -> Iterator[pa.RecordBatch]:
 @task(name="synthetic-corpus")
 def synthetic_corpus(store_root: str, config: SyntheticConfig) -> Manifest:
     """The token table of the set's layout, published atomically; shared by every set of the same shape."""
-    store = Store(store_root)
-    corpus_id = config.corpus_id()
-    final = store.corpus_dir(corpus_id)
-    existing = read_manifest(final)
-    if existing is not None:
-        return existing
-    start = time.perf_counter()
-    with staged_object(final) as staging:
-        counts = flat_counts(write_token_table(staging, window_batches(config)))
-        counts["max_token_id"] = 0
-        manifest = Manifest(
-            kind="corpus",
-            id=corpus_id,
-            config=config.corpus_identity(),
-            code_version=code_version(),
-            created=utc_now(),
-            counts=counts,
-            timings={"seconds": round(time.perf_counter() - start, 3)},
-            extra={"ctx_len": config.ctx_len, "bos_token_id": None, "vocab_size": 1},
-        )
-        write_manifest(staging, manifest)
-    return manifest
+    extra = {"ctx_len": config.ctx_len, "bos_token_id": None, "vocab_size": 1}
+    return publish_corpus(store_root, config.corpus_id(), config.corpus_identity(), window_batches(config), extra)
 
 
 def plan_synthetic(config: SyntheticConfig) -> HarvestPlan:
@@ -178,48 +151,32 @@ def synthetic_chunks(
 @task(name="publish-synthetic")
 def publish_synthetic(store_root: str, config: SyntheticConfig, plan: HarvestPlan, stats: dict[str, Any]) -> Manifest:
     """Write the ground truth, then the manifest once every chunk is durable: from then on the set is readable."""
-    directory = Store(store_root).harvest_dir(plan.harvest_id)
-    missing = sorted(set(range(plan.n_chunks)) - done_chunks(directory))
-    if missing:
-        raise UserError(f"synthetic harvest {plan.harvest_id} still misses chunks {missing[:5]}: re-run to resume")
-    truth: dict[str, Any] = {"kind": config.kind}
-    if config.kind == "gaussian_mixture":
-        buffer = io.BytesIO()
-        np.savez(buffer, **mixture_parameters(config)._asdict())
-        atomic_write_bytes(directory / GROUND_TRUTH, buffer.getvalue())
-        truth["ground_truth"] = GROUND_TRUTH
-    else:
-        truth["bounds"] = [-config.scale, config.scale]
-    manifest = Manifest(
-        kind="harvest",
-        id=plan.harvest_id,
-        config=config.identity(),
-        code_version=code_version(),
-        created=utc_now(),
-        counts={
-            "n_tokens": plan.n_tokens,
-            "n_seqs": plan.n_seqs,
-            "n_chunks": plan.n_chunks,
-            "chunk_tokens": plan.chunk_tokens,
-            "bytes": disk_bytes(directory),
-        },
-        timings={k: v for k, v in stats.items() if isinstance(v, float | int)},
-        extra={
+    with Store(store_root).object("harvest", plan.harvest_id).publish(config.identity(), staged=False) as pub:
+        pub.counts = harvest_counts(plan, pub.directory)
+        truth: dict[str, Any] = {"kind": config.kind}
+        if config.kind == "gaussian_mixture":
+            buffer = io.BytesIO()
+            np.savez(buffer, **mixture_parameters(config)._asdict())
+            atomic_write_bytes(pub.directory / GROUND_TRUTH, buffer.getvalue())
+            truth["ground_truth"] = GROUND_TRUTH
+            pub.counts["bytes"] = disk_bytes(pub.directory)
+        else:
+            truth["bounds"] = [-config.scale, config.scale]
+        pub.timings = numeric(stats)
+        pub.extra = {
             "arrays": {SYNTHETIC_SITE: {"d": config.d, "dtype": "float32", "module": SYNTHETIC_SITE}},
             "corpus_id": plan.corpus_id,
             "ctx_len": plan.ctx_len,
             "device": "cpu",
             "synthetic": truth,
-        },
-    )
-    write_manifest(directory, manifest)
-    return manifest
+        }
+    return pub.manifest
 
 
 @flow(name="synthetic")
 def synthetic(store_root: str, config: SyntheticConfig, progress: bool = True) -> Manifest:
     """Synthetic config -> corpus + harvest of known distribution; re-running resumes and never duplicates."""
-    existing = read_manifest(Store(store_root).harvest_dir(config.harvest_id()))
+    existing = Store(store_root).published("harvest", config.harvest_id())
     if existing is not None:
         return existing
     synthetic_corpus(store_root, config)

@@ -18,20 +18,16 @@ import torch
 from prefect import flow, task
 from tqdm.auto import tqdm
 
-from actstore.flows.harvest import harvest_model_label
 from actstore.schemas.errors import UserError
 from actstore.schemas.manifest import Manifest
 from actstore.schemas.train_run import TrainRun
-from actstore.store.objects import (
+from actstore.store.files import (
     atomic_write_json,
-    code_version,
     explain_os_error,
     fsync_path,
     object_lock,
-    read_manifest,
-    utc_now,
-    write_manifest,
 )
+from actstore.store.harvests import harvest_model_label
 from actstore.store.root import Store
 from actstore.store.shards import ShardReader
 from actstore.transforms.sae import save
@@ -80,10 +76,11 @@ def train_sae(store_root: str, run: TrainRun, progress: bool = True) -> Manifest
     acts = store.activations(run.harvest_id, run.site)
     d_in = acts.attrs.d
     sae_id = run.sae_id(d_in)
-    directory = store.sae_dir(sae_id)
-    existing = read_manifest(directory)
+    stored = store.object("sae", sae_id)
+    existing = stored.published()
     if existing is not None:
         return existing
+    directory = stored.local
     cfg = run.train
     steps = cfg.total_tokens // cfg.batch_size
     if steps == 0:
@@ -108,7 +105,7 @@ def train_sae(store_root: str, run: TrainRun, progress: bool = True) -> Manifest
     trainer = Trainer(cfg, d_in)
     start = time.perf_counter()
     try:
-        with object_lock(directory):
+        with object_lock(directory), stored.publish(run, staged=False) as pub:
             log: list[dict[str, Any]] = []
             checkpoint = latest_checkpoint(directory)
             if checkpoint is not None:
@@ -143,33 +140,26 @@ def train_sae(store_root: str, run: TrainRun, progress: bool = True) -> Manifest
             evaluation = evaluate(sae, _limited(shards("holdout", 0), run.eval_tokens))
             save(sae, directory)
             pl.DataFrame(log).write_parquet(directory / LOG_NAME)
-            manifest = Manifest(
-                kind="sae",
-                id=sae_id,
-                config=run.model_dump(mode="json"),
-                code_version=code_version(),
-                created=utc_now(),
-                counts={"d_in": d_in, "d_sae": sae.d_sae, "steps": trainer.steps_done, "tokens": trainer.tokens_seen},
-                timings={
-                    "train_seconds": round(train_seconds, 3),
-                    "steps_per_s": round(len(log) / train_seconds, 3) if train_seconds else 0.0,
-                },
-                extra={
-                    "eval_holdout": evaluation,
-                    "final_step": log[-1] if log else {},
-                    "source": "trained",
-                    "harvest_id": run.harvest_id,
-                    "site": run.site,
-                },
-            )
-            write_manifest(directory, manifest)
+            pub.counts = {"d_in": d_in, "d_sae": sae.d_sae, "steps": trainer.steps_done, "tokens": trainer.tokens_seen}
+            pub.timings = {
+                "train_seconds": round(train_seconds, 3),
+                "steps_per_s": round(len(log) / train_seconds, 3) if train_seconds else 0.0,
+            }
+            pub.extra = {
+                "eval_holdout": evaluation,
+                "final_step": log[-1] if log else {},
+                "source": "trained",
+                "harvest_id": run.harvest_id,
+                "site": run.site,
+            }
+            # the checkpoints go before the manifest: a published SAE is its weights, log and config only
             checkpoint = latest_checkpoint(directory)
             (directory / CHECKPOINT_POINTER).unlink(missing_ok=True)
             if checkpoint is not None:
                 shutil.rmtree(checkpoint, ignore_errors=True)
     except OSError as exc:
         raise explain_os_error(exc, directory) from exc
-    return manifest
+    return pub.manifest
 
 
 def _limited(reader: ShardReader, tokens: int) -> Iterator[torch.Tensor]:

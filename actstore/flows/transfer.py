@@ -14,10 +14,11 @@ import numpy as np
 import polars as pl
 import torch
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from actstore.flows.eval import TokenPicker, evaluate
-from actstore.flows.harvest import activation_sites, cached_model, harvest_model
+from actstore.flows.runtime import cached_model
 from actstore.schemas.errors import UserError
 from actstore.schemas.eval import EvalConfig, EvalRuntime
 from actstore.schemas.eval_tables import (
@@ -32,14 +33,7 @@ from actstore.schemas.manifest import Manifest
 from actstore.schemas.transfer import TransferConfig
 from actstore.store.activations import chunk_rows
 from actstore.store.evals import TableAppender, write_table
-from actstore.store.objects import (
-    code_version,
-    published_manifest,
-    read_manifest,
-    staged_object,
-    utc_now,
-    write_manifest,
-)
+from actstore.store.harvests import activation_sites, harvest_model
 from actstore.store.root import Store
 from actstore.transforms.logit_weights import unembedding
 from actstore.transforms.models import pick_device
@@ -217,22 +211,21 @@ def _tokens(row: dict[str, Any]) -> int:
     return int(row["tokens"])
 
 
-@task(name="publish-transfer")
-def publish_transfer(
+@task(name="transfer-tables", cache_policy=NO_CACHE)
+def write_transfer_tables(
     tmp: str,
     config: TransferConfig,
     compared: dict[str, dict[str, Any]],
     sae_rows: list[dict[str, Any]],
     features: list[pl.DataFrame],
-) -> None:
-    """Summary, per-position, histogram, SAE and feature tables, then the manifest."""
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Summary, per-position, histogram, SAE and feature tables; returns the manifest's counts and extra."""
     directory = Path(tmp)
-    tid = config.transfer_id()
     summary, positions, histograms = [], [], []
     for site, found in compared.items():
         summary.append(
             {
-                "transfer_id": tid,
+                "transfer_id": config.transfer_id(),
                 "harvest_a": config.harvest_a,
                 "harvest_b": config.harvest_b,
                 "site": site,
@@ -258,14 +251,9 @@ def publish_transfer(
         feature_rows or {f.name: [] for f in FEATURE_TRANSFER_SCHEMA},
         FEATURE_TRANSFER_SCHEMA,
     )
-    manifest = Manifest(
-        kind="transfer",
-        id=tid,
-        config=config.model_dump(mode="json"),
-        code_version=code_version(),
-        created=utc_now(),
-        counts={"sites": len(summary), "saes": len(features)},
-        extra={
+    return (
+        {"sites": len(summary), "saes": len(features)},
+        {
             "summary": summary,
             "sae_transfer": [
                 {
@@ -284,21 +272,20 @@ def publish_transfer(
             ],
         },
     )
-    write_manifest(directory, manifest)
 
 
 @flow(name="transfer")
 def transfer(store_root: str, config: TransferConfig, runtime: EvalRuntime | None = None) -> Manifest:
     """Two harvests (and their SAEs) -> transfer tables; a finished analysis is returned, not recomputed."""
     runtime = runtime or EvalRuntime()
-    store = Store(store_root)
-    directory = store.transfer_dir(config.transfer_id())
-    existing = read_manifest(directory)
+    stored = Store(store_root).object("transfer", config.transfer_id())
+    existing = stored.published()
     if existing is not None:
         return existing
     sites = check_pair(store_root, config)
     sae_rows, features = transfer_saes(store_root, config, sites, runtime)
-    with staged_object(directory) as tmp:
+    with stored.publish(config) as pub:
+        tmp = pub.directory
         compared = {
             site: compare_activations(store_root, config, site, str(tmp / f"per_token-{i}.parquet"), runtime.progress)
             for i, site in enumerate(sites)
@@ -307,5 +294,5 @@ def transfer(store_root: str, config: TransferConfig, runtime: EvalRuntime | Non
         pl.scan_parquet(parts).sink_parquet(tmp / PER_TOKEN_PART, compression="zstd")
         for part in parts:
             Path(part).unlink()
-        publish_transfer(str(tmp), config, compared, sae_rows, features)
-    return published_manifest(directory, f"transfer {config.transfer_id()}")
+        pub.counts, pub.extra = write_transfer_tables(str(tmp), config, compared, sae_rows, features)
+    return pub.manifest

@@ -19,7 +19,7 @@ import zarr
 from actstore.schemas.arrays import PHYSICAL_DTYPE, ActivationAttrs
 from actstore.schemas.errors import UserError
 from actstore.schemas.manifest import MANIFEST_NAME
-from actstore.store.objects import atomic_write_bytes, fsync_path
+from actstore.store.files import atomic_write_bytes, fsync_path
 
 PROGRESS_DIR = "_progress"
 WRITES_LOG = "writes.log"

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actstore.schemas.manifest import MANIFEST_NAME
-from actstore.store.objects import TMP_MARK, fsync_path
+from actstore.store.files import TMP_MARK, fsync_path
 
 TABLE_COMPRESSION = "zstd"
 

@@ -65,14 +65,8 @@ from actstore.schemas.ids import content_hash, make_id, slug
 from actstore.schemas.manifest import Manifest
 from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
 from actstore.store.activations import ActivationArray
-from actstore.store.objects import (
-    code_version,
-    explain_os_error,
-    read_manifest,
-    staged_directory,
-    utc_now,
-    write_manifest,
-)
+from actstore.store.files import explain_os_error, read_manifest, staged_directory, write_manifest
+from actstore.store.objects import code_version, utc_now
 from actstore.store.root import Store
 
 FORMATS: tuple[str, ...] = ("parquet", "datasets", "npy", "safetensors")

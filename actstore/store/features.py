@@ -66,7 +66,7 @@ from actstore.schemas.features import (
     summary_schema,
     triples_schema,
 )
-from actstore.store.objects import TMP_MARK, atomic_write_bytes, atomic_write_json, fsync_path, object_lock
+from actstore.store.files import TMP_MARK, atomic_write_bytes, atomic_write_json, fsync_path, object_lock
 
 SPILL_DIR = "_spill"
 SHARD_LOCKS = "_shards"

@@ -1,57 +1,36 @@
-"""Publishing objects exactly once: atomic files, fsync, manifests written last, and per-object locks.
+"""One object of a store, and the one way to publish it: located, fetched, locked and published here.
 
-Every object directory (`corpora/<id>`, `activations/<id>`, ...) is complete exactly when its manifest
-exists. Writers publish files by write-to-temp + fsync + rename, so a reader or a resumed writer never sees a
-half-written file under its final name.
+Every step that makes an object (a corpus, a harvest, an SAE, an evaluation, ...) writes it through
+`StoredObject.publish`, which keeps the exactly-once rule in one place:
+
+    with store.object("eval", eval_id).publish(config) as pub:     # staged: built in a temp sibling
+        write_tables(pub.directory)
+        pub.counts["tokens"] = n
+    return pub.manifest                                             # ours, or a concurrent run's (same id)
+
+- staged (the default): the object is built in a temp sibling directory and renamed into place with its
+  manifest, so a killed run leaves nothing readable under the final name and a re-run starts over;
+- in place (`staged=False`): for objects written chunk by chunk and resumed (harvests, feature stores, SAE
+  training); the directory is the final one and the manifest, written last, is what makes it complete.
+
+On exit the manifest (kind, id, config, code version, time, counts, timings, extra) is written, and for a
+remote root the finished object is uploaded, manifest last. `published()` is the matching read: the finished
+object's manifest or None, completing the upload of an object a killed run published only locally.
 """
 
 import contextlib
 import datetime as dt
-import errno
-import fcntl
-import json
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from actstore.schemas.errors import UserError
-from actstore.schemas.manifest import MANIFEST_NAME, Manifest
-
-TMP_MARK = ".tmp-"
-LOCK_NAME = ".lock"
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to the device."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` holds either the old content or all of the new, never a part."""
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    """JSON (indented, sorted keys) published atomically."""
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+from actstore.schemas.manifest import Manifest
+from actstore.store.files import explain_os_error, read_manifest, staged_directory, write_manifest
+from actstore.store.remote import RemoteRoot
 
 
 def code_version() -> str:
@@ -66,107 +45,104 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def write_manifest(directory: Path, manifest: Manifest) -> None:
-    """Publish the manifest: the last write of an object, after which it is complete and readable."""
-    atomic_write_json(directory / MANIFEST_NAME, manifest.model_dump(mode="json"))
+def new_manifest(
+    kind: str,
+    object_id: str,
+    config: BaseModel | dict[str, Any],
+    counts: dict[str, int] | None = None,
+    timings: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    """A manifest stamped with this code version and the time now."""
+    return Manifest(
+        kind=kind,
+        id=object_id,
+        config=config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config),
+        code_version=code_version(),
+        created=utc_now(),
+        counts=counts or {},
+        timings=timings or {},
+        extra=extra or {},
+    )
 
 
-def read_manifest(directory: Path) -> Manifest | None:
-    """The object's manifest, or None while the object is incomplete (or absent)."""
-    path = directory / MANIFEST_NAME
-    if not path.exists():
-        return None
-    return Manifest.model_validate_json(path.read_text())
+class Publication:
+    """An object being written: where its files go, and what its manifest will say.
+
+    Fill `counts`, `timings` and `extra` inside the `publish` block; `manifest` is set once it is published."""
+
+    def __init__(self, kind: str, object_id: str, config: BaseModel | dict[str, Any], directory: Path) -> None:
+        self.kind = kind
+        self.id = object_id
+        self.config = config
+        self.directory = directory
+        """Where to write the object's files (a temp sibling of the final directory when staged)."""
+        self.counts: dict[str, int] = {}
+        self.timings: dict[str, float] = {}
+        self.extra: dict[str, Any] = {}
+        self._manifest: Manifest | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            raise RuntimeError(f"{self.kind} {self.id} is read before its publish block ended")
+        return self._manifest
+
+    def _stamp(self) -> Manifest:
+        return new_manifest(self.kind, self.id, self.config, self.counts, self.timings, self.extra)
 
 
-def remove_temp_files(directory: Path) -> int:
-    """Delete leftovers of writes killed before their rename (ours and zarr's `.partial` files)."""
-    removed = 0
-    for path in directory.rglob("*"):
-        if path.is_file() and (TMP_MARK in path.name or path.name.endswith(".partial")):
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
+class StoredObject:
+    """One object of a store root: its local directory (the cache of a remote root) and its remote twin."""
 
+    def __init__(self, kind: str, object_id: str, local: Path, relpath: str, remote: RemoteRoot | None) -> None:
+        self.kind = kind
+        self.id = object_id
+        self.local = local
+        self.relpath = relpath
+        self.remote = remote
 
-@contextlib.contextmanager
-def staged_directory(final: Path) -> Iterator[Path]:
-    """Build an object in a sibling temp directory and rename it into place only if the block succeeds.
+    def fetch(self) -> Path:
+        """The local directory, downloaded first when only the remote has the object published."""
+        if self.remote is not None and read_manifest(self.local) is None:
+            self.remote.pull(self.relpath, self.local)
+        return self.local
 
-    Used for objects that are cheap to rebuild (token tables): a killed run leaves only a temp directory,
-    which the next run removes. If another run published the same id first, ours is discarded: same id,
-    same content.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f"{final.name}{TMP_MARK}*"):
+    def published(self) -> Manifest | None:
+        """The finished object's manifest, or None while it is absent or incomplete.
+
+        A remote object is read without downloading it; a local one the remote lacks (a run killed between
+        publishing and uploading) is uploaded now, so finishing is never skipped by a re-run."""
+        local = read_manifest(self.local)
+        if self.remote is None:
+            return local
+        if local is not None:
+            self.remote.push(self.local, self.relpath)
+            return local
+        return self.remote.manifest(self.relpath)
+
+    @contextlib.contextmanager
+    def publish(self, config: BaseModel | dict[str, Any], *, staged: bool = True) -> Iterator[Publication]:
+        """Write the object in the block, then publish it exactly once (see the module docstring).
+
+        A full disk or an unwritable root while writing becomes a one-line error naming the object."""
+        what = f"{self.kind} {self.id}"
         try:
-            with object_lock(stale, wait=False):
-                shutil.rmtree(stale, ignore_errors=True)
-        except UserError:
-            continue  # a live run is building it
-    tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
-        with object_lock(tmp, wait=False):
-            yield tmp
-            (tmp / LOCK_NAME).unlink()
-            if read_manifest(final) is None:
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-                fsync_path(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged_object(final: Path) -> Iterator[Path]:
-    """`staged_directory` for a store object: a full disk or an unwritable root while building it becomes the
-    one-line `explain_os_error` naming `final`."""
-    try:
-        with staged_directory(final) as tmp:
-            yield tmp
-    except OSError as exc:
-        raise explain_os_error(exc, final) from exc
-
-
-def published_manifest(directory: Path, what: str) -> Manifest:
-    """The manifest just published at `directory`; its absence (another run removed it) is a clear error."""
-    manifest = read_manifest(directory)
-    if manifest is None:
-        raise UserError(f"{what} was not published: re-run the command")
-    return manifest
-
-
-@contextlib.contextmanager
-def object_lock(directory: Path, wait: bool = False) -> Iterator[None]:
-    """An exclusive lock on an object directory, released by the OS even when the holder is SIGKILLed.
-
-    Two runs of the same config would write the same chunks; the second one is refused instead.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    lock_path = directory / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(
-                f"{directory.name} is being written by {holder}: wait for it to finish, "
-                "then re-run to resume or read it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-def explain_os_error(exc: OSError, what: Path) -> UserError:
-    """Turn disk-full / permission / not-a-directory errors into a one-line UserError naming the path."""
-    if exc.errno == errno.ENOSPC:
-        return UserError(f"disk full while writing {what}: free space or use another --store, then re-run to resume")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return UserError(f"cannot write {what}: permission denied or read-only; choose a writable --store")
-    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
-        return UserError(f"cannot create the store at {what}: a file is in the way; choose a directory for --store")
-    return UserError(f"cannot write {what}: {exc.strerror or exc}; check the --store path")
+            if staged:
+                with staged_directory(self.local) as tmp:
+                    publication = Publication(self.kind, self.id, config, tmp)
+                    yield publication
+                    write_manifest(tmp, publication._stamp())
+            else:
+                self.local.mkdir(parents=True, exist_ok=True)
+                publication = Publication(self.kind, self.id, config, self.local)
+                yield publication
+                write_manifest(self.local, publication._stamp())
+        except OSError as exc:
+            raise explain_os_error(exc, self.local) from exc
+        manifest = read_manifest(self.local)  # ours, or that of a run of the same id that finished first
+        if manifest is None:
+            raise UserError(f"{what} was not published: re-run the command")
+        if self.remote is not None:
+            self.remote.push(self.local, self.relpath)
+        publication._manifest = manifest

@@ -27,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from actstore.schemas.errors import UserError
 from actstore.schemas.manifest import MANIFEST_NAME, Manifest
-from actstore.store.objects import LOCK_NAME, TMP_MARK, explain_os_error, fsync_path, object_lock, read_manifest
+from actstore.store.files import LOCK_NAME, TMP_MARK, explain_os_error, fsync_path, object_lock, read_manifest
 
 LOCAL_PROTOCOLS = ("file", "local")
 _AUTH_WORDS = ("credential", "authenticat", "unauthorized", "forbidden", "accessdenied", "expiredtoken")

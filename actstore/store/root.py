@@ -2,9 +2,9 @@
 
 A root is a local directory or an fsspec URL (`s3://bucket/store`, `gs://...`, `memory://...`; `file:///x` is the
 local directory `/x`). A remote root is worked through a local cache directory: flows write objects there as on
-any local root, `Store.push_published` uploads the finished ones (manifest last), and every read of an object
-that is not in the cache downloads it when it is published remotely. See `Store` for reading a remote store's
-Parquet tables with polars or pyarrow directly.
+any local root, each object is uploaded as it is published (`StoredObject.publish`, manifest last), and every
+read of an object that is not in the cache downloads it when it is published remotely. See `Store` for reading a
+remote store's Parquet tables with polars or pyarrow directly.
 """
 
 import hashlib
@@ -17,13 +17,14 @@ from typing import IO, Any, NamedTuple
 import polars as pl
 
 from actstore.schemas.attribution import ATTRIBUTION_DIR
-from actstore.schemas.errors import UserError
+from actstore.schemas.errors import NotFoundError, UserError
 from actstore.schemas.eval_tables import EVAL_SUMMARY_SCHEMA, TRANSFER_SUMMARY_SCHEMA
 from actstore.schemas.manifest import MANIFEST_NAME, Manifest
 from actstore.store.activations import ActivationArray, open_activation
 from actstore.store.evals import scan_results
 from actstore.store.feature_queries import Decode, Encode, FeatureQueries
-from actstore.store.objects import TMP_MARK, read_manifest
+from actstore.store.files import TMP_MARK, read_manifest
+from actstore.store.objects import StoredObject
 from actstore.store.remote import RemoteRoot, is_remote, local_path
 
 DEFAULT_ROOT = "./actstore-data"
@@ -108,15 +109,18 @@ class Store:
             return f"features/{object_id}/{ATTRIBUTION_DIR}"
         return f"{KIND_DIRS[kind]}/{object_id}"
 
-    def _fetched(self, relpath: str) -> Path:
-        """The local directory of an object, downloaded first when only the remote has it published."""
-        local = self.root / relpath
-        if self.remote is not None and read_manifest(local) is None:
-            self.remote.pull(relpath, local)
-        return local
+    def object(self, kind: str, object_id: str) -> StoredObject:
+        """One object of the layout: where it lives, and the one way to publish it (`StoredObject.publish`)."""
+        relpath = self._relpath(kind, object_id)
+        return StoredObject(kind, object_id, self.root / relpath, relpath, self.remote)
+
+    def published(self, kind: str, object_id: str) -> Manifest | None:
+        """The manifest of a finished object, or None: what a step checks before making it again."""
+        return self.object(kind, object_id).published()
 
     def object_dir(self, kind: str, object_id: str) -> Path:
-        return self._fetched(self._relpath(kind, object_id))
+        """The object's local directory, downloaded first when only the remote has it published."""
+        return self.object(kind, object_id).fetch()
 
     def corpus_dir(self, corpus_id: str) -> Path:
         return self.object_dir("corpus", corpus_id)
@@ -129,8 +133,8 @@ class Store:
 
     def features_dir(self, sae_id: str, harvest_id: str) -> Path:
         """The feature store of an SAE on a harvest; its attribution (if any) is the `attribution/` inside."""
-        directory = self._fetched(self._relpath("features", f"{sae_id}/{harvest_id}"))
-        self._fetched(self._relpath("attribution", f"{sae_id}/{harvest_id}"))
+        directory = self.object_dir("features", f"{sae_id}/{harvest_id}")
+        self.object_dir("attribution", f"{sae_id}/{harvest_id}")
         return directory
 
     def eval_dir(self, eval_id: str) -> Path:
@@ -149,17 +153,16 @@ class Store:
         """The manifest of a finished object; a missing or incomplete one is a clear error.
 
         Of a remote object not in the cache, only the manifest is read: the data comes with its directory."""
-        relpath = self._relpath(kind, object_id)
-        directory = self.root / relpath
-        found = read_manifest(directory)
+        stored = self.object(kind, object_id)
+        found = read_manifest(stored.local)
         if found is None and self.remote is not None:
-            found = self.remote.manifest(relpath)
+            found = self.remote.manifest(stored.relpath)
         if found is None:
-            if directory.exists():
-                raise UserError(f"{kind} {object_id} is incomplete: re-run the command that makes it to resume")
+            if stored.local.exists():
+                raise NotFoundError(f"{kind} {object_id} is incomplete: re-run the command that makes it to resume")
             known = [entry.id for entry in self.ls() if entry.kind == kind and entry.complete]
             hint = f"known: {', '.join(known[:8])}" if known else f"run `actstore {_MAKER[kind]}` first"
-            raise UserError(f"no {kind} {object_id!r} in store {self.location}: {hint}")
+            raise NotFoundError(f"no {kind} {object_id!r} in store {self.location}: {hint}")
         return found
 
     def tokens(self, corpus_id: str) -> pl.LazyFrame:
@@ -181,7 +184,7 @@ class Store:
         `decode` (token ids -> text) and `encode` (text -> ids) come from the model's tokenizer; the store
         cannot load tokenizers itself, so callers pass them (the CLI does)."""
         harvest = self.manifest("harvest", harvest_id)
-        directory = self._fetched(self._relpath("features", f"{sae_id}/{harvest_id}"))
+        directory = self.object_dir("features", f"{sae_id}/{harvest_id}")
         if read_manifest(directory) is None:
             state = "is incomplete: re-run the encode to resume it" if directory.exists() else "does not exist"
             raise UserError(f"features of {sae_id} on {harvest_id} {state} in store {self.location} (actstore encode)")
@@ -221,7 +224,9 @@ class Store:
         """Download every remotely published object of a kind that the cache lacks."""
         if self.remote is not None:
             for relpath in self.remote.list_published([f"{KIND_DIRS[kind]}/*"]):
-                self._fetched(relpath)
+                key = self._key(relpath)
+                if key is not None:
+                    self.object_dir(*key)
 
     def _patterns(self) -> list[str]:
         """Glob patterns of every object directory of the layout."""

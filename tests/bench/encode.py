@@ -27,7 +27,8 @@ from actstore.schemas.encode import EncodeConfig, EncodeRuntime
 from actstore.schemas.manifest import Manifest
 from actstore.schemas.sae import SAEConfig
 from actstore.store.activations import ArraySpec, HarvestArrays
-from actstore.store.objects import utc_now, write_manifest
+from actstore.store.files import write_manifest
+from actstore.store.objects import utc_now
 from actstore.store.root import Store
 from actstore.transforms.sae import SAE
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from bench_report import measure_table, publish
 
-from actstore.flows.harvest import cached_model, harvest_chunks, plan_harvest, publish_harvest
+from actstore.flows.harvest import harvest_chunks, plan_harvest, publish_harvest
 from actstore.flows.ingest import ingest_corpus
+from actstore.flows.runtime import cached_model
 from actstore.schemas.corpus import CorpusConfig
 from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
 from actstore.schemas.model import ModelConfig

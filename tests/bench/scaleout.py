@@ -58,11 +58,12 @@ from bench_report import measure_table, publish
 from prefect import flow
 
 from actstore.flows.encode import encode_shard, finish_features
-from actstore.flows.harvest import cached_model, harvest_shard, plan_harvest, prepare_arrays, publish_harvest
+from actstore.flows.harvest import harvest_shard, plan_harvest, prepare_arrays, publish_harvest
 from actstore.flows.ingest import ingest_corpus
 from actstore.flows.orchestration.cluster import Cluster
 from actstore.flows.orchestration.pipeline import encode_step, harvest_step
 from actstore.flows.orchestration.prefect_server import ensure_api
+from actstore.flows.runtime import cached_model
 from actstore.flows.saes import publish_sae
 from actstore.schemas.corpus import CorpusConfig
 from actstore.schemas.encode import EncodeConfig, EncodeRuntime

@@ -137,8 +137,8 @@ def test_reinit_is_the_same_in_a_fresh_process(models: dict) -> None:
     control = ModelControl(kind="reinit", seed=3)
     code = (
         "import hashlib, sys, torch\n"
-        "from schemas.model import ModelConfig, ModelControl\n"
-        "from transforms.models import load_model\n"
+        "from actstore.schemas.model import ModelConfig, ModelControl\n"
+        "from actstore.transforms.models import load_model\n"
         f"m = load_model(ModelConfig(name={str(models['llama'])!r}, control=ModelControl(kind='reinit', seed=3)),"
         " torch.device('cpu'))\n"
         "h = hashlib.sha256()\n"

@@ -24,7 +24,7 @@ from actstore.schemas.eval import EvalConfig, EvalRuntime
 from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
 from actstore.schemas.model import ModelConfig
 from actstore.schemas.sae import SAEConfig
-from actstore.store.objects import TMP_MARK
+from actstore.store.files import TMP_MARK
 from actstore.store.root import Store
 from actstore.transforms.sae import SAE, save
 from tests.helpers import cli, cli_popen, last_line, snapshot, write_text_corpus

@@ -15,8 +15,9 @@ from actstore.flows.cli.forecast import add_forecast_args, cmd_forecast, config_
 from actstore.flows.eval import evaluate
 from actstore.flows.forecast import fit_laws, forecast
 from actstore.flows.forecast_runs import count_parameters, lookup
-from actstore.flows.harvest import cached_model, harvest
+from actstore.flows.harvest import harvest
 from actstore.flows.ingest import ingest
+from actstore.flows.runtime import cached_model
 from actstore.flows.saes import publish_sae
 from actstore.schemas.corpus import CorpusConfig
 from actstore.schemas.errors import UserError

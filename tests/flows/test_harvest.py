@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actstore.flows.harvest import cached_model, harvest
+from actstore.flows.harvest import harvest
 from actstore.flows.ingest import ingest
+from actstore.flows.runtime import cached_model
 from actstore.schemas.corpus import CorpusConfig
 from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
 from actstore.schemas.model import ModelConfig

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actstore.store.objects import object_lock
+from actstore.store.files import object_lock
 from tests.helpers import cli, cli_popen, snapshot, write_text_corpus
 from tests.tiny_models import build_tiny_model
 

@@ -21,15 +21,8 @@ from actstore.schemas.errors import UserError
 from actstore.schemas.manifest import MANIFEST_NAME, Manifest
 from actstore.schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
 from actstore.store.features import FeatureWriter
-from actstore.store.objects import (
-    LOCK_NAME,
-    TMP_MARK,
-    code_version,
-    object_lock,
-    staged_directory,
-    utc_now,
-    write_manifest,
-)
+from actstore.store.files import LOCK_NAME, TMP_MARK, object_lock, staged_directory, write_manifest
+from actstore.store.objects import code_version, utc_now
 from actstore.store.remote import RemoteRoot, is_remote
 from actstore.store.root import CACHE_ENV, Store, cache_dir
 from actstore.transforms.synthetic import mixture_parameters, sample_chunk
@@ -138,12 +131,11 @@ def seeded_triples() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> Written:
-    """A synthetic corpus + harvest written by the flow into a remote root's cache, a feature store written by
-    `FeatureWriter` and an attribution object nested in it; nothing pushed yet."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
-        harvest = synthetic(URL, CONFIG, progress=False)
-        store = Store(URL)
+    """A synthetic corpus + harvest written by the flow into a local directory that the tests use as a remote
+    root's cache, a feature store written by `FeatureWriter` and an attribution object nested in it; nothing
+    pushed yet (a flow on the remote root itself would upload each object as it publishes it)."""
+    store = Store(tmp_path_factory.mktemp("cache") / "store")
+    harvest = synthetic(str(store.root), CONFIG, progress=False)
     feature, tok, value = seeded_triples()
     directory = store.root / "features" / SAE_ID / harvest.id
     with FeatureWriter(directory, D_SAE, CONFIG.n_tokens, "float16", top_k=4) as writer:

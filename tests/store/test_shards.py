@@ -21,7 +21,7 @@ from actstore.schemas.corpus import CorpusConfig
 from actstore.schemas.errors import UserError
 from actstore.schemas.harvest import HarvestConfig, HarvestRuntime
 from actstore.schemas.model import ModelConfig
-from actstore.store.objects import write_manifest
+from actstore.store.files import write_manifest
 from actstore.store.root import Store
 from actstore.store.shards import ShardReader, TokBatch, _ChunkFiles, make_loader, round_robin_position
 from tests.helpers import write_text_corpus

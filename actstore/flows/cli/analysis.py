@@ -43,17 +43,16 @@ def _runtime(a: argparse.Namespace) -> Any:
 
 
 def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
-    from actstore.flows.encode import resolve_site
     from actstore.flows.eval import evaluate
-    from actstore.flows.harvest import harvest_model_label
     from actstore.flows.saes import open_sae, stored_sae_id
     from actstore.schemas.eval import EvalConfig
+    from actstore.store.harvests import choose_site, harvest_model_label
     from actstore.transforms.sae import check_compatible
 
     store = Store(a.store)
     harvest = store.manifest("harvest", a.harvest)
     sae, known_id = open_sae(a.store, a.sae)
-    site = resolve_site(store, a.harvest, a.site, sae)
+    site = choose_site(harvest, a.site, sae.hook_name)
     check_compatible(
         sae, store.activations(a.harvest, site).attrs.d, site, harvest_model_label(harvest), a.allow_mismatch
     )

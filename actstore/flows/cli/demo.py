@@ -20,8 +20,9 @@ from actstore.flows.cli.forecast import demo_forecast
 from actstore.flows.dashboard.flow import dashboard
 from actstore.flows.encode import encode
 from actstore.flows.eval import evaluate
-from actstore.flows.harvest import cached_model, harvest
+from actstore.flows.harvest import harvest
 from actstore.flows.ingest import ingest
+from actstore.flows.runtime import cached_model
 from actstore.flows.train import train
 from actstore.schemas.attribution import AttributeRuntime
 from actstore.schemas.corpus import CorpusConfig

@@ -534,8 +534,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("ls", "query", "export"):
             _quiet_prefect_tracebacks()
         summary = args.fn(args)
-        if args.command not in ("run", "serve", "ls", "query", "export"):
-            Store(args.store).push_published()  # object-storage roots: publish what the command finished
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -27,10 +27,10 @@ from actstore.flows.dashboard.data import DEFAULT_OPTIONS, DashboardOptions, gat
 from actstore.flows.dashboard.pages import LogitTokens, SiteInfo, write_site
 from actstore.flows.dashboard.plots import write_plots
 from actstore.flows.dashboard.results import gather_results
-from actstore.flows.harvest import cached_model
+from actstore.flows.runtime import cached_model
 from actstore.schemas.errors import UserError
 from actstore.schemas.model import ModelConfig
-from actstore.store.objects import read_manifest, staged_directory
+from actstore.store.files import read_manifest, staged_directory
 from actstore.store.root import Store
 from actstore.transforms.logit_weights import top_tokens, unembedding
 from actstore.transforms.models import load_tokenizer, pick_device

@@ -17,7 +17,7 @@ import polars as pl
 
 from actstore.schemas.attribution import ATTRIBUTION_DIR, PER_FEATURE_NAME
 from actstore.schemas.eval_tables import DOWNSTREAM_FIELDS, RECONSTRUCTION_FIELDS
-from actstore.store.objects import read_manifest
+from actstore.store.files import read_manifest
 from actstore.store.root import Store
 from actstore.transforms.scaling_fit import PowerLawFit, fit_single
 

@@ -39,7 +39,7 @@ from actstore.schemas.pipeline import PipelineConfig, RunSettings, load_pipeline
 from actstore.schemas.train_run import TrainRun
 from actstore.store.activations import done_chunks
 from actstore.store.features import stored_chunks
-from actstore.store.objects import read_manifest
+from actstore.store.files import read_manifest
 from actstore.store.root import Store
 from actstore.transforms.models import load_model_config
 from actstore.transforms.sites import resolve_sites
@@ -104,7 +104,7 @@ def prepare_harvest(
 ) -> dict[str, Any]:
     """The arrays' description; creates them (on a worker, which keeps the model for its shards) unless the
     harvest is already published."""
-    existing = read_manifest(Store(store_root).harvest_dir(plan.harvest_id))
+    existing = Store(store_root).published("harvest", plan.harvest_id)
     if existing is not None:
         return dict(existing.extra["arrays"])
     return prepare_arrays(store_root, config, runtime, plan)
@@ -117,7 +117,7 @@ encode_shard_task = task(encode_shard, name="encode-shard", cache_key_fn=_shard_
 @task(name="evaluate", cache_key_fn=_object_key, **CACHED)
 def evaluate_task(store_root: str, config: EvalConfig, runtime: EvalRuntime) -> Manifest:
     """One evaluation (a single streaming pass: its float64 sums are not split across workers)."""
-    existing = read_manifest(Store(store_root).eval_dir(config.eval_id()))
+    existing = Store(store_root).published("eval", config.eval_id())
     return existing if existing is not None else evaluate_sae.fn(store_root, config, runtime)
 
 
@@ -187,7 +187,7 @@ def harvest_step(store_root: str, config: HarvestConfig, run: RunSettings, clust
     results = run_shards(
         _with_retries(harvest_shard_task, run), shards, cluster, run.device, missing, f"harvest {plan.harvest_id}"
     )
-    existing = read_manifest(directory)
+    existing = Store(store_root).published("harvest", plan.harvest_id)
     if existing is not None:
         return existing
     devices = {r["device"] for r in results if "device" in r}
@@ -219,15 +219,10 @@ def encode_step(store_root: str, config: EncodeConfig, run: RunSettings, cluster
     results = run_shards(
         _with_retries(encode_shard_task, run), shards, cluster, run.device, missing, f"encode {config.sae_id}"
     )
-    existing = read_manifest(directory)
+    existing = store.published("features", f"{config.sae_id}/{config.harvest_id}")
     if existing is not None:
         return existing
     return finish_features(store_root, config, merged_stats(results, time.perf_counter() - start))
-
-
-def push(store_root: str) -> None:
-    """On an object-storage root, publish each finished object as soon as its step ends (a no-op locally)."""
-    Store(store_root).push_published()
 
 
 @flow(name="pipeline-steps")
@@ -237,7 +232,6 @@ def run_steps(config: PipelineConfig, store_root: str, cluster: Cluster) -> dict
     if run.threads:
         torch.set_num_threads(run.threads)
     corpus = ingest(store_root, config.corpus)
-    push(store_root)
     harvest_config = HarvestConfig(
         corpus_id=corpus.id,
         model=config.model,
@@ -248,7 +242,6 @@ def run_steps(config: PipelineConfig, store_root: str, cluster: Cluster) -> dict
         max_tokens=config.harvest.max_tokens,
     )
     harvested = harvest_step(store_root, harvest_config, run, cluster)
-    push(store_root)
     summary: dict[str, Any] = {
         "store": store_root,
         "corpus_id": corpus.id,
@@ -269,22 +262,19 @@ def run_steps(config: PipelineConfig, store_root: str, cluster: Cluster) -> dict
             ),
             progress=run.progress,
         )
-        push(store_root)
         entry: dict[str, Any] = {"site": site, "sae_id": sae.id}
         if config.encode is not None:
             encode_config = prepare_encode(store_root, sae.id, harvested.id, site, config.encode.value_dtype, False)
             features = encode_step(store_root, encode_config, run, cluster)
             entry.update(nnz=features.counts["nnz"], alive=features.counts["alive"])
-            push(store_root)
         if config.eval is not None:
             eval_config = EvalConfig(sae_id=sae.id, harvest_id=harvested.id, site=site, **config.eval.model_dump())
             runtime = EvalRuntime(
                 device=run.device, threads=task_threads(run, cluster), progress=run.progress and not cluster.distributed
             )
-            stored = read_manifest(Store(store_root).eval_dir(eval_config.eval_id())) is not None
+            stored = Store(store_root).published("eval", eval_config.eval_id()) is not None
             evaluated = _one(evaluate_task, (store_root, eval_config, runtime), cluster, run.device, run, stored)
             entry.update(eval_id=evaluated.id, eval=evaluated.extra["summary"])
-            push(store_root)
         if config.dashboard is not None and config.encode is not None:
             site_dir = default_site_dir(store_root, sae.id, harvested.id)
             if not (site_dir / RECORD_NAME).is_file():

@@ -35,7 +35,7 @@ from actstore.schemas.manifest import Manifest
 from actstore.schemas.tables import SPLITS, TOKEN_SCHEMA
 from actstore.store.feature_queries import FeatureQueries
 from actstore.store.features import FeatureWriter
-from actstore.store.objects import write_manifest
+from actstore.store.files import write_manifest
 from actstore.store.root import Store
 from actstore.store.tokens import scan_tokens, write_token_table
 

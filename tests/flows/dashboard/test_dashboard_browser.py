@@ -18,8 +18,9 @@ from actstore.flows.dashboard.data import DashboardOptions
 from actstore.flows.dashboard.flow import RECORD_NAME, artifact_key, dashboard, dashboard_server, serve_in_thread
 from actstore.flows.encode import encode
 from actstore.flows.eval import evaluate
-from actstore.flows.harvest import cached_model, harvest
+from actstore.flows.harvest import harvest
 from actstore.flows.ingest import ingest
+from actstore.flows.runtime import cached_model
 from actstore.flows.train import train
 from actstore.schemas.corpus import CorpusConfig
 from actstore.schemas.encode import EncodeRuntime

@@ -15,7 +15,7 @@ from actstore.flows.writer_thread import BackgroundWriter
 from actstore.schemas.arrays import ActivationAttrs
 from actstore.schemas.errors import UserError
 from actstore.store.activations import ActivationArray, ArraySpec, HarvestArrays
-from actstore.store.objects import atomic_write_json, object_lock, remove_temp_files, staged_directory
+from actstore.store.files import atomic_write_json, object_lock, remove_temp_files, staged_directory
 
 
 def _attrs(site: str, dtype: str, n: int, d: int, chunk: int) -> ActivationAttrs:
@@ -100,7 +100,7 @@ def test_staged_directory_publishes_only_on_success(tmp_path: Path) -> None:
 def test_lock_refuses_a_second_holder_and_frees_on_sigkill(tmp_path: Path) -> None:
     target = tmp_path / "obj"
     code = (
-        f"import time\nfrom pathlib import Path\nfrom store.objects import object_lock\n"
+        f"import time\nfrom pathlib import Path\nfrom actstore.store.files import object_lock\n"
         f"with object_lock(Path({str(target)!r})):\n    print('held', flush=True)\n    time.sleep(60)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
