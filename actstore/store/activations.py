@@ -1,4 +1,8 @@
-"""Dense activation arrays: one Zarr v3 array per site, row = global token index `tok`.
+"""Dense activation arrays: a harvest is a Zarr v3 group, one array per site, row = global token index `tok`.
+
+The group's members are `<site>.zarr` and `loss.zarr`, each with dimension names (`tok`, `d`) and attributes
+naming the harvest, model, site and dtype, so `xarray.open_zarr(harvest_dir)` is a Dataset with one variable per
+site (bf16 sites are their uint16 bits there, `logical_dtype` says so; `Store.activations` gives bf16 back).
 
 Arrays are pre-sized when a harvest starts (resizing rewrites metadata, DESIGN.md), chunked by whole forward
 batches and uncompressed. Each batch is written to its own chunk-aligned region, fsynced, and only then marked
@@ -6,6 +10,7 @@ done by an atomic marker file; a resumed harvest rewrites every chunk without a 
 moment ends, after re-running, bit-identical to an uninterrupted run.
 """
 
+import json
 import os
 import socket
 from collections.abc import Mapping
@@ -74,6 +79,50 @@ def to_storable(values: torch.Tensor | np.ndarray, logical_dtype: str) -> np.nda
     return np.ascontiguousarray(values, dtype=logical_dtype)
 
 
+GROUP_ATTRS = ("harvest_id", "corpus_id", "model", "n_tokens", "ctx_len", "chunk_tokens")
+"""Attributes every array of a harvest shares, which its group carries too."""
+
+
+def column_dimensions(specs: list[ArraySpec]) -> dict[str, str]:
+    """The name of each array's second dimension: `d` when every site has the same width (xarray then aligns
+    them), else `d_<width>`, since one dimension name must have one size across a Dataset."""
+    widths = {s.attrs.d for s in specs if not s.squeeze}
+    return {s.attrs.site: "d" if len(widths) == 1 else f"d_{s.attrs.d}" for s in specs}
+
+
+def write_group(harvest_dir: Path, specs: list[ArraySpec]) -> None:
+    """The harvest directory's Zarr group metadata, written atomically (a torn one would hide every array)."""
+    attrs = specs[0].attrs.model_dump(mode="json")
+    group = {"zarr_format": 3, "node_type": "group", "attributes": {k: attrs[k] for k in GROUP_ATTRS}}
+    harvest_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(harvest_dir / "zarr.json", (json.dumps(group, indent=2, sort_keys=True) + "\n").encode())
+
+
+def upgrade_harvest(harvest_dir: Path) -> bool:
+    """Give a harvest written before harvests were Zarr groups its group metadata and dimension names (metadata
+    only: no chunk is touched). Returns False when there was nothing to do."""
+    paths = sorted(p for p in harvest_dir.glob("*.zarr") if (p / "zarr.json").is_file())
+    specs = []
+    for path in paths:
+        meta = json.loads((path / "zarr.json").read_text())
+        specs.append(ArraySpec(ActivationAttrs.model_validate(meta["attributes"]), squeeze=len(meta["shape"]) == 1))
+    if not specs:
+        return False
+    dims = column_dimensions(specs)
+    changed = False
+    for path, spec in zip(paths, specs, strict=True):
+        meta = json.loads((path / "zarr.json").read_text())
+        names = ["tok"] if spec.squeeze else ["tok", dims[spec.attrs.site]]
+        if meta.get("dimension_names") != names:
+            meta["dimension_names"] = names
+            atomic_write_bytes(path / "zarr.json", json.dumps(meta, indent=2).encode())
+            changed = True
+    if not (harvest_dir / "zarr.json").exists():
+        write_group(harvest_dir, specs)
+        changed = True
+    return changed
+
+
 class HarvestArrays:
     """The writable arrays of one (possibly incomplete) harvest, with per-chunk done markers."""
 
@@ -89,6 +138,9 @@ class HarvestArrays:
         self.progress = harvest_dir / PROGRESS_DIR
         self.progress.mkdir(parents=True, exist_ok=True)
         self.arrays: dict[str, tuple[zarr.Array, ArraySpec]] = {}
+        self.dims = column_dimensions(specs)
+        if create:
+            write_group(harvest_dir, specs)
         for spec in specs:
             self.arrays[spec.attrs.site] = (self._create_or_open(spec), spec)
 
@@ -119,6 +171,7 @@ class HarvestArrays:
             compressors=None,
             fill_value=0,
             attributes=attrs,
+            dimension_names=("tok",) if spec.squeeze else ("tok", self.dims[spec.attrs.site]),
         )
 
     def _marker(self, chunk: int) -> Path:

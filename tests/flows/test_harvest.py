@@ -171,3 +171,63 @@ def test_same_config_same_id_and_rerun_is_a_no_op(tmp_path: Path) -> None:
     assert sorted(p.name for p in Store(root).harvest_dir(a.id).rglob("*") if p.is_file()) == files
     listing = {(e.kind, e.id, e.complete) for e in Store(root).ls()}
     assert listing == {("corpus", first.id, True), ("harvest", a.id, True)}
+
+
+def test_a_harvest_is_a_zarr_group_that_xarray_opens(tmp_path: Path) -> None:
+    """xarray (not our reader) gets every site and the loss as variables on shared `tok` / `d` dimensions, equal
+    to the stored rows; a harvest written before harvests were groups is upgraded without touching a chunk."""
+    import json
+    import shutil
+    import warnings
+
+    import xarray as xr
+
+    from actstore.store.activations import upgrade_harvest
+
+    model_dir = build_tiny_model("llama", tmp_path / "llama")
+    root = tmp_path / "store"
+    corpus = ingest(
+        str(root),
+        CorpusConfig(
+            source="text",
+            paths=(str(write_text_corpus(tmp_path / "docs", n_docs=10)),),
+            tokenizer=ModelConfig(name=str(model_dir)),
+            ctx_len=16,
+        ),
+    )
+    sites = ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out")
+    config = HarvestConfig(corpus_id=corpus.id, model=ModelConfig(name=str(model_dir)), sites=sites, loss=True)
+    manifest = harvest(str(root), config, RUNTIME)
+    store = Store(root)
+    directory = store.harvest_dir(manifest.id)
+
+    def opened(path: Path) -> xr.Dataset:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr notes the non-Zarr files of the directory (manifest, markers)
+            return xr.open_zarr(path, consolidated=False)
+
+    ds = opened(directory)
+    assert set(ds.data_vars) == {f"{s}.zarr" for s in (*sites, "loss")}
+    assert dict(ds.sizes) == {"tok": manifest.counts["n_tokens"], "d": 32}
+    for site in sites:
+        variable = ds[f"{site}.zarr"]
+        assert variable.dims == ("tok", "d") and variable.attrs["site"] == site and variable.attrs["model"]
+        assert variable.attrs["logical_dtype"] == "float32"
+        assert np.array_equal(variable.values, store.activations(manifest.id, site)[:])
+    assert ds["loss.zarr"].dims == ("tok",)
+    assert np.array_equal(ds["loss.zarr"].values, store.activations(manifest.id, "loss")[:], equal_nan=True)
+    assert ds.attrs["harvest_id"] == manifest.id and ds.attrs["ctx_len"] == 16
+
+    old = tmp_path / "old" / manifest.id
+    shutil.copytree(directory, old)
+    (old / "zarr.json").unlink()
+    for path in old.glob("*.zarr/zarr.json"):
+        meta = json.loads(path.read_text())
+        del meta["dimension_names"]
+        path.write_text(json.dumps(meta))
+    chunks = {p: p.read_bytes() for p in old.glob("*.zarr/c/**/*") if p.is_file()}
+    assert len(chunks) >= 3  # a chunk of every array
+    with pytest.raises(Exception, match=r"(?i)not found|no group|nothing found|does not exist"):
+        opened(old)
+    assert upgrade_harvest(old) and not upgrade_harvest(old)
+    assert opened(old).equals(ds) and all(p.read_bytes() == b for p, b in chunks.items())
