@@ -85,7 +85,7 @@ def test_a_users_own_modules_do_not_shadow_actstore(shadowing_dir: Path) -> None
     save(random_topk_sae(32, seed=1, model=str(model)), work / "sae")
     encoded = cli("encode", *common, "--harvest", harvest, "--sae", str(work / "sae"), "--no-progress", cwd=work)
     sae = json.loads(encoded.stdout.splitlines()[-1])["sae_id"]
-    density = cli("query", *common, "--sae", sae, "--harvest", harvest, "density", cwd=work)
+    density = cli("query", "density", *common, "--sae", sae, "--harvest", harvest, cwd=work)  # options after it
     assert json.loads(density.stdout.splitlines()[-1])["rows"]
     code = f"import actstore; print(len(actstore.open({str(work / 'data')!r}).ls()))"
     listed = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, check=True)

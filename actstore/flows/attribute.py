@@ -16,10 +16,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import torch
-from prefect import flow, task
 from tqdm.auto import tqdm
 
-from actstore.flows.runtime import cached_model
+from actstore.flows.runtime import cached_model, flow, task
 from actstore.flows.saes import open_sae, sae_on_site, stored_sae_id
 from actstore.schemas.attribution import (
     LOGIT_WEIGHTS_NAME,

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 
+from actstore.flows.runtime import flow, task
 from actstore.schemas.directions import DIRECTION_FILE, DirectionConfig, Intervention
 from actstore.schemas.errors import UserError
 from actstore.schemas.manifest import Manifest

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import flow, task
 from tqdm.auto import tqdm
 
 from actstore.flows.harvest import numeric
+from actstore.flows.runtime import flow, task
 from actstore.flows.saes import open_sae, sae_on_site, stored_sae_id
 from actstore.flows.writer_thread import BackgroundWriter
 from actstore.schemas.encode import EncodeConfig, EncodeRuntime

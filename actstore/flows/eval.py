@@ -15,11 +15,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import torch
-from prefect import flow, task
 from tqdm.auto import tqdm
 
 from actstore.flows.directions import intervention_replacements
-from actstore.flows.runtime import cached_model
+from actstore.flows.runtime import cached_model, flow, task
 from actstore.flows.saes import sae_on_site
 from actstore.schemas.directions import Intervention
 from actstore.schemas.errors import UserError

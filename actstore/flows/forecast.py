@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
-from prefect import flow, task
 
 from actstore.flows.forecast_runs import harvest_tables, model_keys, sae_rows
+from actstore.flows.runtime import flow, task
 from actstore.schemas.errors import UserError
 from actstore.schemas.forecast import LAWS, LM_LAWS, ForecastConfig, law_variables
 from actstore.schemas.forecast_tables import POSITIONS_SCHEMA, RUNS_SCHEMA, SAES_SCHEMA, TABLES

@@ -14,11 +14,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from prefect import flow, task
 from tqdm.auto import tqdm
 
 from actstore.flows.directions import intervention_replacements
-from actstore.flows.runtime import MODEL_LOCK, cached_model, model_loads
+from actstore.flows.runtime import MODEL_LOCK, cached_model, flow, model_loads, task
 from actstore.flows.writer_thread import BackgroundWriter
 from actstore.schemas.arrays import ActivationAttrs
 from actstore.schemas.errors import UserError

@@ -1,33 +1,19 @@
 """Ingest: corpus source -> tokenized, packed token table (`store/corpora/<corpus_id>/part-*.parquet`)."""
 
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import polars as pl
-from prefect import flow, task
 
+from actstore.flows.runtime import flow, task
 from actstore.schemas.corpus import CorpusConfig
-from actstore.schemas.ids import make_id
 from actstore.schemas.manifest import Manifest
 from actstore.store.root import Store
 from actstore.store.sources import iter_documents
 from actstore.store.tokens import scan_tokens, write_token_table
 from actstore.transforms.models import load_tokenizer
 from actstore.transforms.packing import pack_documents
-
-
-def corpus_identity(config: CorpusConfig) -> dict[str, Any]:
-    """What the corpus id hashes: the config, plus the Python version for `pydocs` (its text comes from it)."""
-    identity: dict[str, Any] = config.model_dump(mode="json")
-    if config.source == "pydocs":
-        identity["python"] = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return identity
-
-
-def corpus_id(config: CorpusConfig) -> str:
-    return make_id("corpus", config.readable(), corpus_identity(config))
 
 
 def flat_counts(counts: dict[str, Any]) -> dict[str, int]:
@@ -61,13 +47,13 @@ def publish_corpus(
 @task(name="ingest-corpus")
 def ingest_corpus(store_root: str, config: CorpusConfig) -> Manifest:
     """Tokenize and pack the corpus into a token table, published atomically with its manifest."""
-    existing = Store(store_root).published("corpus", corpus_id(config))
+    existing = Store(store_root).published("corpus", config.corpus_id())
     if existing is not None:
         return existing
     tokenizer = load_tokenizer(config.tokenizer)
     extra = {"ctx_len": config.ctx_len, "bos_token_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer)}
     batches = pack_documents(iter_documents(config), tokenizer, config)
-    return publish_corpus(store_root, corpus_id(config), corpus_identity(config), batches, extra)
+    return publish_corpus(store_root, config.corpus_id(), config.corpus_identity(), batches, extra)
 
 
 @flow(name="ingest", log_prints=True)

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from prefect import flow, task
 from tqdm.auto import tqdm
 
 from actstore.flows.harvest import HarvestPlan, harvest_counts, numeric
 from actstore.flows.ingest import publish_corpus
+from actstore.flows.runtime import flow, task
 from actstore.flows.writer_thread import BackgroundWriter
 from actstore.schemas.arrays import ActivationAttrs
 from actstore.schemas.manifest import Manifest

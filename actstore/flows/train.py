@@ -15,9 +15,9 @@ from typing import Any
 
 import polars as pl
 import torch
-from prefect import flow, task
 from tqdm.auto import tqdm
 
+from actstore.flows.runtime import flow, task
 from actstore.schemas.errors import UserError
 from actstore.schemas.manifest import Manifest
 from actstore.schemas.train_run import TrainRun

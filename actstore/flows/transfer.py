@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from actstore.flows.eval import TokenPicker, evaluate
-from actstore.flows.runtime import cached_model
+from actstore.flows.runtime import cached_model, flow, task
 from actstore.schemas.errors import UserError
 from actstore.schemas.eval import EvalConfig, EvalRuntime
 from actstore.schemas.eval_tables import (

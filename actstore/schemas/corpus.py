@@ -1,10 +1,12 @@
 """Where a corpus comes from and how it is tokenized and packed into windows."""
 
-from typing import Literal
+import sys
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actstore.schemas.errors import UserError
+from actstore.schemas.ids import make_id
 from actstore.schemas.model import ModelConfig
 
 SourceKind = Literal["text", "jsonl", "parquet", "hf", "pydocs"]
@@ -59,3 +61,14 @@ class CorpusConfig(BaseModel):
         from actstore.schemas.ids import slug
 
         return f"{slug(what, 24)}-{self.tokenizer.short_name()}-c{self.ctx_len}"
+
+    def corpus_identity(self) -> dict[str, Any]:
+        """What the corpus id hashes: the config, plus the Python version for `pydocs` (its text comes from it)."""
+        identity: dict[str, Any] = self.model_dump(mode="json")
+        if self.source == "pydocs":
+            identity["python"] = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return identity
+
+    def corpus_id(self) -> str:
+        """`corpus-<source>-<tokenizer>-c<ctx_len>-<hash>`: the same config gives the same id, so ingest resumes."""
+        return make_id("corpus", self.readable(), self.corpus_identity())

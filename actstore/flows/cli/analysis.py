@@ -3,49 +3,35 @@
 import argparse
 from typing import Any
 
+from actstore.flows.cli.options import ConfigOptions, non_negative_int, positive_int
+from actstore.schemas.attribution import AttributeConfig, AttributeRuntime
+from actstore.schemas.directions import DirectionConfig
+from actstore.schemas.eval import EvalConfig, EvalRuntime
 from actstore.schemas.eval_tables import DOWNSTREAM_FIELDS, RECONSTRUCTION_FIELDS
+from actstore.schemas.synthetic import SyntheticConfig
+from actstore.schemas.transfer import TransferConfig
 from actstore.store.root import Store
+
+EVAL = ConfigOptions(EvalConfig, exclude=("sae_id", "harvest_id", "site"), negated={"exclude_bos": "keep-bos"})
+EVAL_RUNTIME = ConfigOptions(EvalRuntime, negated={"progress": "no-progress"})
+TRANSFER = ConfigOptions(TransferConfig, flags={"sites": "site"}, negated={"exclude_bos": "keep-bos"})
+SYNTHETIC = ConfigOptions(SyntheticConfig, flags={"n_tokens": "tokens", "holdout_fraction": "holdout"})
+ATTRIBUTE = ConfigOptions(AttributeConfig, fields=("top_k", "logit_k"))
+ATTRIBUTE_RUNTIME = ConfigOptions(AttributeRuntime, negated={"progress": "no-progress"})
+DIRECTION = ConfigOptions(DirectionConfig, flags={"harvest_id": "harvest"})
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", required=True, help="SAE id (see `actstore ls`) or checkpoint dir (SAELens, sparsify, ...)")
     p.add_argument("--harvest", required=True, help="harvest id")
     p.add_argument("--site", help="harvest site the SAE reads (default: the SAE's hook, or the only site)")
-    _add_eval_options(p)
-
-
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", choices=["holdout", "train", "all"], default="holdout")
-    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens of the split")
-    p.add_argument("--keep-bos", action="store_true", help="count position 0 (BOS) in the metrics")
-    p.add_argument(
-        "--outlier-factor", type=float, help="also exclude tokens whose norm exceeds this multiple of the median norm"
-    )
-    p.add_argument(
-        "--ce-tokens",
-        type=int,
-        default=4096,
-        help="tokens of downstream loss with the SAE spliced in (0 skips the model forwards)",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--allow-mismatch",
-        action="store_true",
-        help="evaluate an SAE trained on another model or hook (transfer experiments)",
-    )
-    p.add_argument("--no-progress", action="store_true")
-
-
-def _runtime(a: argparse.Namespace) -> Any:
-    from actstore.schemas.eval import EvalRuntime
-
-    return EvalRuntime(device=a.device, allow_mismatch=a.allow_mismatch, progress=not a.no_progress)
+    EVAL.add_to(p)
+    EVAL_RUNTIME.add_to(p)
 
 
 def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.eval import evaluate
     from actstore.flows.saes import open_sae, stored_sae_id
-    from actstore.schemas.eval import EvalConfig
     from actstore.store.harvests import choose_site, harvest_model_label
     from actstore.transforms.sae import check_compatible
 
@@ -56,17 +42,8 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     check_compatible(
         sae, store.activations(a.harvest, site).attrs.d, site, harvest_model_label(harvest), a.allow_mismatch
     )
-    config = EvalConfig(
-        sae_id=stored_sae_id(a.store, a.sae, sae, known_id),
-        harvest_id=a.harvest,
-        site=site,
-        split=a.split,
-        max_tokens=a.max_tokens,
-        exclude_bos=not a.keep_bos,
-        outlier_factor=a.outlier_factor,
-        ce_tokens=a.ce_tokens,
-    )
-    manifest = evaluate(a.store, config, _runtime(a))
+    config = EVAL.build(a, sae_id=stored_sae_id(a.store, a.sae, sae, known_id), harvest_id=a.harvest, site=site)
+    manifest = evaluate(a.store, config, EVAL_RUNTIME.build(a))
     summary = manifest.extra["summary"]
     if not a.json:
         print_numbers(f"eval {manifest.id}", summary)
@@ -93,30 +70,14 @@ def print_numbers(title: str, row: dict[str, Any]) -> None:
 
 
 def add_transfer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--harvest-a", required=True, help="harvest of model A (e.g. the base model)")
-    p.add_argument("--harvest-b", required=True, help="harvest of model B on the same corpus and sites")
-    p.add_argument("--site", action="append", default=[], help="site to compare (repeatable; default: all shared)")
-    p.add_argument("--sae-a", help="SAE trained on model A: evaluated on A and on B")
-    p.add_argument("--sae-b", help="SAE trained on model B: evaluated on B and on A")
-    _add_eval_options(p)
+    TRANSFER.add_to(p)
+    EVAL_RUNTIME.add_to(p)
 
 
 def cmd_transfer(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.transfer import transfer
-    from actstore.schemas.transfer import TransferConfig
 
-    config = TransferConfig(
-        harvest_a=a.harvest_a,
-        harvest_b=a.harvest_b,
-        sites=tuple(a.site),
-        sae_a=a.sae_a,
-        sae_b=a.sae_b,
-        split=a.split,
-        max_tokens=a.max_tokens,
-        exclude_bos=not a.keep_bos,
-        ce_tokens=a.ce_tokens,
-    )
-    manifest = transfer(a.store, config, _runtime(a))
+    manifest = transfer(a.store, TRANSFER.build(a), EVAL_RUNTIME.build(a))
     if not a.json:
         from rich.console import Console
         from rich.table import Table
@@ -154,38 +115,16 @@ def cmd_transfer(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_synthetic_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", choices=["gaussian_mixture", "uniform_cube"], default="gaussian_mixture")
-    p.add_argument("--tokens", type=int, required=True, help="rows of activations to generate")
-    p.add_argument("--d", type=int, required=True, help="width of each row (e.g. the d_model it stands in for)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--components", type=int, default=16, help="gaussian_mixture: number of components")
-    p.add_argument("--spread", type=float, default=4.0, help="gaussian_mixture: std of the component means")
-    p.add_argument("--scale", type=float, default=1.0, help="component std / half the cube's side")
-    p.add_argument("--anisotropy", type=float, default=1.0, help="gaussian_mixture: ratio of largest to smallest std")
-    p.add_argument("--ctx-len", type=int, default=128, help="rows per window of the synthetic token table")
-    p.add_argument("--holdout", type=float, default=0.05, help="fraction of windows in the holdout split")
-    p.add_argument("--chunk-tokens", type=int, default=4096)
-    p.add_argument("--no-progress", action="store_true")
+    SYNTHETIC.add_to(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def cmd_synthetic(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.synthetic import synthetic
-    from actstore.schemas.synthetic import SYNTHETIC_SITE, SyntheticConfig
+    from actstore.schemas.synthetic import SYNTHETIC_SITE
 
-    config = SyntheticConfig(
-        kind=a.kind,
-        n_tokens=a.tokens,
-        d=a.d,
-        seed=a.seed,
-        components=a.components,
-        spread=a.spread,
-        scale=a.scale,
-        anisotropy=a.anisotropy,
-        ctx_len=a.ctx_len,
-        holdout_fraction=a.holdout,
-        chunk_tokens=a.chunk_tokens,
-    )
-    manifest = synthetic(a.store, config, progress=not a.no_progress)
+    config = SYNTHETIC.build(a)
+    manifest = synthetic(a.store, config, progress=a.progress)
     return {
         "harvest_id": manifest.id,
         "corpus_id": manifest.extra["corpus_id"],
@@ -200,14 +139,14 @@ def add_dashboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", required=True, help="SAE id")
     p.add_argument("--harvest", required=True, help="harvest id the SAE was encoded on (actstore encode)")
     p.add_argument("--out", help="site directory (default: <store>/dashboards/<sae>/<harvest>)")
-    p.add_argument("--top-k", type=int, default=20, help="top examples per feature page")
-    p.add_argument("--context", type=int, default=8, help="tokens of context on each side of an example")
-    p.add_argument("--per-bucket", type=int, default=5, help="examples per activation quantile bucket")
+    p.add_argument("--top-k", type=positive_int, default=20, help="top examples per feature page")
+    p.add_argument("--context", type=non_negative_int, default=8, help="tokens of context on each side of an example")
+    p.add_argument("--per-bucket", type=positive_int, default=5, help="examples per activation quantile bucket")
     p.add_argument("--no-logits", action="store_true", help="skip top logit tokens (no model load)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, help="processes writing pages (default: CPU count)")
+    p.add_argument("--workers", type=positive_int, help="processes writing pages (default: CPU count)")
     p.add_argument("--serve", action="store_true", help="serve the site on localhost after writing it")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=non_negative_int, default=8000, help="localhost port (0: a free one)")
 
 
 def cmd_dashboard(a: argparse.Namespace) -> dict[str, Any]:
@@ -243,23 +182,14 @@ def add_attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", required=True, help="SAE id or checkpoint dir")
     p.add_argument("--harvest", required=True, help="harvest made with --gradients")
     p.add_argument("--site", help="site of the harvest (default: the SAE's hook, or the only site)")
-    p.add_argument("--top-k", type=int, default=32, help="top tokens by |attribution| kept per feature")
-    p.add_argument("--logit-k", type=int, default=10, help="top promoted / suppressed tokens per feature")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument(
-        "--allow-mismatch", action="store_true", help="an SAE trained on another model or hook (transfer experiments)"
-    )
-    p.add_argument("--no-progress", action="store_true")
+    ATTRIBUTE.add_to(p)
+    ATTRIBUTE_RUNTIME.add_to(p)
 
 
 def cmd_attribute(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.attribute import attribute, attribution_dir
-    from actstore.schemas.attribution import AttributeRuntime
 
-    runtime = AttributeRuntime(
-        device=a.device, batch_tokens=a.batch_tokens, allow_mismatch=a.allow_mismatch, progress=not a.no_progress
-    )
+    runtime = ATTRIBUTE_RUNTIME.build(a)
     manifest = attribute(a.store, a.sae, a.harvest, site=a.site, top_k=a.top_k, logit_k=a.logit_k, runtime=runtime)
     sae_id, harvest_id = manifest.id.split("/")
     path = attribution_dir(Store(a.store), sae_id, harvest_id)
@@ -269,21 +199,13 @@ def cmd_attribute(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_direction_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--harvest", required=True, help="harvest id")
-    p.add_argument("--site", required=True, help="site of the harvest")
-    p.add_argument("--positive", required=True, help="SQL filter on the token table for the positive set")
-    p.add_argument("--negative", required=True, help="SQL filter on the token table for the negative set")
-    p.add_argument("--split", choices=["train", "holdout", "all"], default="train")
+    DIRECTION.add_to(p)
 
 
 def cmd_direction(a: argparse.Namespace) -> dict[str, Any]:
     from actstore.flows.directions import direction
-    from actstore.schemas.directions import DirectionConfig
 
-    manifest = direction(
-        a.store,
-        DirectionConfig(harvest_id=a.harvest, site=a.site, positive=a.positive, negative=a.negative, split=a.split),
-    )
+    manifest = direction(a.store, DIRECTION.build(a))
     if not a.json:
         print(
             f"direction {manifest.id}: ||r|| = {manifest.extra['norm']:.4f} from {manifest.counts['positive']:,} "

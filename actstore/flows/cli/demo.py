@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from prefect import flow
 
 from actstore.flows.attribute import attribute, attribution_dir
 from actstore.flows.cli.forecast import demo_forecast
@@ -22,7 +21,7 @@ from actstore.flows.encode import encode
 from actstore.flows.eval import evaluate
 from actstore.flows.harvest import harvest
 from actstore.flows.ingest import ingest
-from actstore.flows.runtime import cached_model
+from actstore.flows.runtime import cached_model, flow
 from actstore.flows.train import train
 from actstore.schemas.attribution import AttributeRuntime
 from actstore.schemas.corpus import CorpusConfig

@@ -4,31 +4,41 @@ import argparse
 from typing import Any
 
 import polars as pl
+from pydantic import Field
 
+from actstore.flows.cli.options import OneLineParser, add_shared, checked, non_negative_int, positive_int, require
 from actstore.store.feature_queries import FeatureQueries
 from actstore.store.root import Store
 
+fraction = checked(float, Field(ge=0, le=1))
+"""`--dense 0.01`: a share of tokens."""
+
+QUERY_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--sae",), {"help": "SAE id (see `actstore ls`); required"}),
+    (("--harvest",), {"help": "harvest id; required"}),
+    (("--limit",), {"type": positive_int, "default": 20, "help": "rows to print"}),
+    (("--context",), {"type": non_negative_int, "default": 8, "help": "tokens of context either side"}),
+]
+"""Options of every query, given before or after its name (`query top 5 --sae S --harvest H`)."""
+
 
 def add_query_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAE id (see `actstore ls`)")
-    p.add_argument("--harvest", required=True, help="harvest id")
-    p.add_argument("--limit", type=int, default=20, help="rows to print")
-    p.add_argument("--context", type=int, default=8, help="tokens of context either side")
-    what = p.add_subparsers(dest="query", required=True)
+    what = p.add_subparsers(dest="query", required=True, parser_class=OneLineParser)
     for name, help_text in (
         ("top", "top examples of a feature"),
         ("quantiles", "examples across its range"),
         ("cooc", "features firing on the same tokens"),
     ):
-        what.add_parser(name, help=help_text).add_argument("feature", type=int)
+        what.add_parser(name, help=help_text).add_argument("feature", type=non_negative_int)
     density = what.add_parser("density", help="per-feature density (densest first)")
     density.add_argument("--dead", action="store_true", help="only features that never fire")
-    density.add_argument("--dense", type=float, help="only features denser than this fraction")
-    what.add_parser("doc", help="features of one document").add_argument("doc", type=int)
+    density.add_argument("--dense", type=fraction, help="only features denser than this fraction")
+    what.add_parser("doc", help="features of one document").add_argument("doc", type=non_negative_int)
     rng = what.add_parser("range", help="features of a token range [start, stop)")
-    rng.add_argument("start", type=int)
-    rng.add_argument("stop", type=int)
+    rng.add_argument("start", type=non_negative_int)
+    rng.add_argument("stop", type=non_negative_int)
     what.add_parser("token", help="features firing on a token (string or id)").add_argument("token")
+    add_shared([p, *dict.fromkeys(what.choices.values())], QUERY_OPTIONS)
 
 
 def open_queries(a: argparse.Namespace) -> FeatureQueries:
@@ -48,6 +58,14 @@ def open_queries(a: argparse.Namespace) -> FeatureQueries:
         decode=lambda ids: tokenizer.decode(list(ids)),
         encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
     )
+
+
+def cmd_query(a: argparse.Namespace) -> dict[str, Any]:
+    require(a, "sae", "harvest")
+    frame = run_query(a)
+    if not a.json:
+        print_frame(f"{a.query} · {a.sae} · {a.harvest}", frame)
+    return {"rows": frame.to_dicts()}
 
 
 def run_query(a: argparse.Namespace) -> pl.DataFrame:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -27,7 +26,7 @@ from actstore.flows.dashboard.data import DEFAULT_OPTIONS, DashboardOptions, gat
 from actstore.flows.dashboard.pages import LogitTokens, SiteInfo, write_site
 from actstore.flows.dashboard.plots import write_plots
 from actstore.flows.dashboard.results import gather_results
-from actstore.flows.runtime import cached_model
+from actstore.flows.runtime import cached_model, flow, run_logger, task, tracked
 from actstore.schemas.errors import UserError
 from actstore.schemas.model import ModelConfig
 from actstore.store.files import read_manifest, staged_directory
@@ -100,7 +99,7 @@ def logit_tokens(store_root: str, sae_id: str, model: ModelConfig, device: str, 
     sae = load(Store(store_root).sae_dir(sae_id))
     w_u = unembedding(cached_model(model, str(pick_device(device))))
     if sae.d_in != w_u.shape[0]:
-        get_run_logger().warning(
+        run_logger().warning(
             "SAE width %d is not the model's residual width %d: no logit tokens", sae.d_in, w_u.shape[0]
         )
         return None
@@ -182,13 +181,14 @@ def dashboard(
     numbers = "\n".join(
         f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in record["headline"].items()
     )
-    create_link_artifact(
-        link=(site / "index.html").as_uri(),
-        link_text=f"dashboard of {sae_id}",
-        key=artifact_key(sae_id, harvest_id),
-        description=f"{record['pages']} feature pages, {record['dead']} dead features; "
-        f"{html.escape(record['headline_source'])}\n\n| metric | value |\n|---|---|\n{numbers}",
-    )
+    if tracked():  # the Prefect UI links to the site; a plain CLI run prints its path instead
+        create_link_artifact(
+            link=(site / "index.html").as_uri(),
+            link_text=f"dashboard of {sae_id}",
+            key=artifact_key(sae_id, harvest_id),
+            description=f"{record['pages']} feature pages, {record['dead']} dead features; "
+            f"{html.escape(record['headline_source'])}\n\n| metric | value |\n|---|---|\n{numbers}",
+        )
     return site
 
 

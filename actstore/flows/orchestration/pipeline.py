@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import Task, flow, task
+from prefect import Task, task
 from prefect.context import TaskRunContext
 from prefect.settings import get_current_settings
 from transformers import AutoModelForCausalLM
@@ -27,6 +27,7 @@ from actstore.flows.harvest import HarvestPlan, harvest_shard, plan_harvest, pre
 from actstore.flows.ingest import ingest
 from actstore.flows.orchestration.cluster import Cluster, connect, on_model_device, run_shards, shard_ranges
 from actstore.flows.orchestration.report import report
+from actstore.flows.runtime import flow
 from actstore.flows.train import train
 from actstore.schemas.encode import EncodeConfig, EncodeRuntime
 from actstore.schemas.errors import UserError
