@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from actstore.flows.harvest import numeric
-from actstore.flows.runtime import flow, task
+from actstore.flows.runtime import flow, run_figures, task
 from actstore.flows.saes import open_sae, sae_on_site, stored_sae_id
 from actstore.flows.writer_thread import BackgroundWriter
 from actstore.schemas.encode import EncodeConfig, EncodeRuntime
@@ -115,9 +115,7 @@ def _encode(
     seconds = time.perf_counter() - start
     return {
         "encode_seconds": round(encode_seconds, 3),
-        "run_seconds": round(seconds, 3),
-        "tokens_this_run": tokens,
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        **run_figures(tokens, seconds),
         "device": str(device),
         "pid": os.getpid(),
     }

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from actstore.flows.directions import intervention_replacements
-from actstore.flows.runtime import MODEL_LOCK, cached_model, flow, model_loads, task
+from actstore.flows.runtime import MODEL_LOCK, cached_model, flow, model_loads, run_figures, task
 from actstore.flows.writer_thread import BackgroundWriter
 from actstore.schemas.arrays import ActivationAttrs
 from actstore.schemas.errors import UserError
@@ -306,9 +306,7 @@ def _run_chunks(
     bar.close()
     seconds = time.perf_counter() - run_start
     return {
-        "run_seconds": round(seconds, 3),
-        "tokens_this_run": tokens_done,
-        "tokens_per_s": round(tokens_done / seconds, 1) if seconds else 0.0,
+        **run_figures(tokens_done, seconds),
         "writer_busy_seconds": round(writer.busy_seconds, 3),
     }
 

@@ -102,3 +102,12 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         except MissingContextError:
             pass
     return logging.getLogger("actstore")
+
+
+def run_figures(tokens: int, seconds: float) -> dict[str, float | int]:
+    """The figures every chunked run reports in its manifest's timings: how long, how many tokens, how fast."""
+    return {
+        "run_seconds": round(seconds, 3),
+        "tokens_this_run": tokens,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+    }

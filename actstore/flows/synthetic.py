@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from actstore.flows.harvest import HarvestPlan, harvest_counts, numeric
 from actstore.flows.ingest import publish_corpus
-from actstore.flows.runtime import flow, task
+from actstore.flows.runtime import flow, run_figures, task
 from actstore.flows.writer_thread import BackgroundWriter
 from actstore.schemas.arrays import ActivationAttrs
 from actstore.schemas.manifest import Manifest
@@ -141,9 +141,7 @@ def synthetic_chunks(
     seconds = time.perf_counter() - start
     return {
         "draw_seconds": round(draw_seconds, 3),
-        "run_seconds": round(seconds, 3),
-        "tokens_this_run": tokens,
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        **run_figures(tokens, seconds),
         "writer_busy_seconds": round(writer.busy_seconds, 3),
     }
 

@@ -3,7 +3,7 @@
 import argparse
 from typing import Any
 
-from actstore.flows.cli.options import ConfigOptions, non_negative_int, positive_int
+from actstore.flows.cli.options import ConfigOptions, add_sae_on_harvest, non_negative_int, positive_int
 from actstore.schemas.attribution import AttributeConfig, AttributeRuntime
 from actstore.schemas.directions import DirectionConfig
 from actstore.schemas.eval import EvalConfig, EvalRuntime
@@ -22,9 +22,7 @@ DIRECTION = ConfigOptions(DirectionConfig, flags={"harvest_id": "harvest"})
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAE id (see `actstore ls`) or checkpoint dir (SAELens, sparsify, ...)")
-    p.add_argument("--harvest", required=True, help="harvest id")
-    p.add_argument("--site", help="harvest site the SAE reads (default: the SAE's hook, or the only site)")
+    add_sae_on_harvest(p)
     EVAL.add_to(p)
     EVAL_RUNTIME.add_to(p)
 
@@ -179,9 +177,7 @@ def cmd_dashboard(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_attribute_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAE id or checkpoint dir")
-    p.add_argument("--harvest", required=True, help="harvest made with --gradients")
-    p.add_argument("--site", help="site of the harvest (default: the SAE's hook, or the only site)")
+    add_sae_on_harvest(p, "harvest made with --gradients")
     ATTRIBUTE.add_to(p)
     ATTRIBUTE_RUNTIME.add_to(p)
 

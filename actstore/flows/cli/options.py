@@ -261,3 +261,14 @@ def require(args: argparse.Namespace, *names: str) -> None:
     missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is None]
     if missing:
         raise ConfigError(f"the following arguments are required: {', '.join(missing)}")
+
+
+def add_sae_on_harvest(parser: argparse.ArgumentParser, harvest_help: str = "harvest id (see `actstore ls`)") -> None:
+    """`--sae`, `--harvest`, `--site`: an SAE applied to one site of a harvest (encode, eval, attribute)."""
+    parser.add_argument(
+        "--sae", required=True, help="SAE id, or checkpoint dir/file (SAELens, sparsify, Gemma Scope) to import"
+    )
+    parser.add_argument("--harvest", required=True, help=harvest_help)
+    parser.add_argument(
+        "--site", help="harvest site the SAE reads (default: the SAE's recorded hook, or the only site)"
+    )

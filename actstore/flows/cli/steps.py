@@ -7,7 +7,7 @@ it Prefect, transformers and the model): re-running a finished step costs what l
 import argparse
 from typing import Any
 
-from actstore.flows.cli.options import ConfigOptions, add_field, build
+from actstore.flows.cli.options import ConfigOptions, add_field, add_sae_on_harvest, build
 from actstore.schemas.corpus import CorpusConfig
 from actstore.schemas.encode import EncodeConfig, EncodeRuntime
 from actstore.schemas.errors import ConfigError
@@ -176,9 +176,7 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_encode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAE checkpoint dir/file (SAELens, sparsify, Gemma Scope) or SAE id")
-    p.add_argument("--harvest", required=True, help="harvest id (see `actstore ls`)")
-    p.add_argument("--site", help="harvest site to encode (default: the SAE's hook, or the only site)")
+    add_sae_on_harvest(p)
     ENCODE.add_to(p)
     ENCODE_RUNTIME.add_to(p)
 

@@ -27,7 +27,7 @@ from actstore.flows.harvest import HarvestPlan, harvest_shard, plan_harvest, pre
 from actstore.flows.ingest import ingest
 from actstore.flows.orchestration.cluster import Cluster, connect, on_model_device, run_shards, shard_ranges
 from actstore.flows.orchestration.report import report
-from actstore.flows.runtime import flow
+from actstore.flows.runtime import flow, run_figures
 from actstore.flows.train import train
 from actstore.schemas.encode import EncodeConfig, EncodeRuntime
 from actstore.schemas.errors import UserError
@@ -145,9 +145,7 @@ def merged_stats(results: list[dict[str, Any]], seconds: float) -> dict[str, Any
         if "pid" in r:
             loads[r["pid"]] = max(loads.get(r["pid"], 0), r.get("model_loads", 0))
     return {
-        "run_seconds": round(seconds, 3),
-        "tokens_this_run": tokens,
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        **run_figures(tokens, seconds),
         "shards": len(results),
         "worker_processes": len(loads),
         "model_loads": sum(loads.values()),
