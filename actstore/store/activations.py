@@ -15,16 +15,18 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 import zarr
 
 from actstore.schemas.arrays import PHYSICAL_DTYPE, ActivationAttrs
 from actstore.schemas.errors import UserError
 from actstore.schemas.manifest import MANIFEST_NAME
 from actstore.store.files import atomic_write_bytes, fsync_path
+
+if TYPE_CHECKING:  # torch is imported where a tensor is met: listing and reading a store need none
+    import torch
 
 PROGRESS_DIR = "_progress"
 WRITES_LOG = "writes.log"
@@ -67,9 +69,11 @@ def array_path(harvest_dir: Path, site: str) -> Path:
     return harvest_dir / f"{site}.zarr"
 
 
-def to_storable(values: torch.Tensor | np.ndarray, logical_dtype: str) -> np.ndarray:
+def to_storable(values: "torch.Tensor | np.ndarray", logical_dtype: str) -> np.ndarray:
     """The physical array for Zarr: bf16 becomes its uint16 bit pattern, others stay as they are."""
-    if isinstance(values, torch.Tensor):
+    if not isinstance(values, np.ndarray):
+        import torch
+
         values = values.detach().cpu()
         if logical_dtype == "bfloat16":
             return values.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()
@@ -184,7 +188,7 @@ class HarvestArrays:
     def chunk_rows(self, chunk: int) -> slice:
         return chunk_rows(chunk, self.chunk_tokens, self.n_tokens)
 
-    def write_chunk(self, chunk: int, values: Mapping[str, torch.Tensor | np.ndarray]) -> int:
+    def write_chunk(self, chunk: int, values: Mapping[str, "torch.Tensor | np.ndarray"]) -> int:
         """Write one chunk of every array, make it durable, then mark it done. Returns bytes written."""
         if set(values) != set(self.arrays):
             raise ValueError(f"chunk {chunk} has arrays {sorted(values)}, expected {sorted(self.arrays)}")
@@ -238,9 +242,11 @@ class ActivationArray:
     def __len__(self) -> int:
         return self._arr.shape[0]
 
-    def __getitem__(self, key: Any) -> np.ndarray | torch.Tensor:
+    def __getitem__(self, key: Any) -> "np.ndarray | torch.Tensor":
         data = self._arr[key]
         if self.attrs.logical_dtype == "bfloat16":
+            import torch
+
             return torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16)
         return data
 
