@@ -37,9 +37,8 @@ def choose_site(harvest: Manifest, site: str | None, hook: str | None, *, gradie
     if site is not None:
         if site not in sites:
             fix = "re-harvest that site with --gradients" if gradients else "harvest that site"
-            raise NotFoundError(
-                f"harvest {harvest.id} has {held}, not {site!r}: pass --site with one of them, or {fix}"
-            )
+            missing = f"not at {site!r}" if gradients else f"not {site!r}"
+            raise NotFoundError(f"harvest {harvest.id} has {held}, {missing}: pass --site with one of them, or {fix}")
         return site
     if hook in sites:
         return str(hook)
