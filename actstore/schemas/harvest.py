@@ -2,19 +2,11 @@
 
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializerFunctionWrapHandler,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actstore.schemas.directions import Intervention
 from actstore.schemas.errors import UserError
-from actstore.schemas.ids import make_id
+from actstore.schemas.ids import OmitsDefaults, make_id
 from actstore.schemas.model import ModelConfig
 from actstore.schemas.sites import parse_site
 
@@ -30,10 +22,12 @@ DEFAULT_CHUNK_TOKENS = 4096
 """Rows per Zarr chunk and per forward batch: >= 1 MiB per chunk for d_model >= 128 in fp16 (DESIGN.md)."""
 
 
-class HarvestConfig(BaseModel):
+class HarvestConfig(OmitsDefaults):
     """Everything that determines the stored activations; its hash is the harvest id."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    omitted_at_default = ("gradient_metric", "logit_diff_tokens", "interventions")
+    """A harvest without gradients or interventions dumps exactly as before they existed: same id."""
 
     corpus_id: str
     """The token table to read (`store/corpora/<corpus_id>`)."""
@@ -98,17 +92,6 @@ class HarvestConfig(BaseModel):
                 "harvest that module without --gradients"
             )
         return self
-
-    @model_serializer(mode="wrap")
-    def _omit_absent_gradients(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """A harvest without gradients or interventions dumps exactly as before they existed: same id."""
-        data: dict[str, Any] = handler(self)
-        for name in ("gradient_metric", "logit_diff_tokens"):
-            if data.get(name) is None:
-                data.pop(name, None)
-        if not data.get("interventions"):
-            data.pop("interventions", None)
-        return data
 
     def harvest_id(self) -> str:
         """`harvest-<model>-L<layers>-<hash>`; device and worker counts are not part of it."""

@@ -3,9 +3,9 @@
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
 
 ID_HASH_CHARS = 8
 
@@ -32,3 +32,22 @@ def slug(text: str, max_len: int = 40) -> str:
 def make_id(kind: str, readable: str, config: BaseModel | dict[str, Any]) -> str:
     """`<kind>-<readable>-<hash>`, e.g. `harvest-smollm2-135m-L6-3f9a1c2e`."""
     return f"{kind}-{readable}-{content_hash(config)}"
+
+
+class OmitsDefaults(BaseModel):
+    """A config whose `omitted_at_default` fields are left out of its dump while they hold their default.
+
+    Ids hash the dump, and manifests and Zarr attributes store it, so a field added later with a default keeps
+    every object made before it with the same id and the same bytes: what an old run wrote is what a new run
+    with the field at its default writes. Set to anything else, the field is dumped and hashed as usual."""
+
+    omitted_at_default: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        fields = type(self).model_fields
+        for name in self.omitted_at_default:
+            if getattr(self, name) == fields[name].get_default(call_default_factory=True):
+                data.pop(name, None)
+        return data
